@@ -1,0 +1,3 @@
+from sap.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""The ``sap`` command line: thin Typer wrappers over the importable stage functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from sap.rules.config import ConfigError, ExperimentConfig, dump_config, load_config
+
+app = typer.Typer(
+    name="sap",
+    help="sap, the search-agent pipeline: teach small LLMs to use a search engine (SFT then RL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or check an experiment config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Experiment YAML (e.g. configs/paper/nq_qwen2.5-3b.yaml). Defaults: the paper's settings."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, repeatable: --set eval.temperature=0"),
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def resolve_config(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    typer.echo(dump_config(resolve_config(config, set_)), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(
+    files: Annotated[list[Path], typer.Argument(help="Config files to check.")],
+) -> None:
+    """Check config files; exits non-zero naming each bad key path."""
+    bad = 0
+    for f in files:
+        try:
+            load_config(f)
+            typer.echo(f"ok  {f}")
+        except ConfigError as e:
+            bad += 1
+            typer.secho(str(e), fg=typer.colors.RED, err=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("prepare-sft")
+def prepare_sft_cmd(
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Trajectory files (.json, .jsonl, or .txt raw rollouts). Default: sft.prepare.inputs of the config."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: runs/<experiment>/sft/data")] = None,
+    min_f1: Annotated[
+        float | None, typer.Option(help="Drop trajectories whose answer has token F1 below this vs gold (e.g. 0.65).")
+    ] = None,
+    require_search: Annotated[
+        bool | None, typer.Option("--require-search/--no-require-search", help="Drop trajectories with no search.")
+    ] = None,
+    reject_phrase: Annotated[
+        list[str] | None,
+        typer.Option(help='Drop trajectories whose reasoning contains this phrase, repeatable: --reject-phrase "I remember"'),
+    ] = None,
+    dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="Drop repeated trajectories and repeated samples.")] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option(help="Tag alias, repeatable: --alias plan=think --alias observation=information")
+    ] = None,
+    keep_prompt: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-prompt/--rebuild-prompt",
+            help="Keep each record's own prompt instead of rebuilding the Search-R1 prompt from its question.",
+        ),
+    ] = None,
+    strict: Annotated[
+        bool | None, typer.Option("--strict/--no-strict", help="Fail (exit 1, no data written) if any record is malformed.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Teacher trajectories -> step-wise Alpaca samples for LLaMA-Factory.
+
+    One sample per model action: the instruction is the prompt plus the history (with its
+    <information> blocks), input is empty, the output is the next action. Writes
+    iterative_sft_data.json, dataset_info.json and prepare_sft_report.json.
+
+    Example:
+
+        sap prepare-sft teacher.jsonl --out runs/demo/sft/data --min-f1 0.65 --require-search --reject-phrase "I remember" --dedupe
+    """
+    from sap.rules.rundir import record_run
+    from sap.stages import prepare_sft as stage
+
+    cfg = resolve_config(config, set_)
+    p = cfg.sft.prepare
+    updates = {
+        "min_f1": min_f1,
+        "require_search": require_search,
+        "reject_phrases": reject_phrase or None,
+        "dedupe": dedupe,
+        "keep_prompt": keep_prompt,
+        "strict": strict,
+    }
+    if alias:
+        aliases = dict(p.tag_aliases)
+        for item in alias:
+            name, sep, target = item.partition("=")
+            if not sep:
+                fail(f"--alias {item!r}: expected NAME=TAG, e.g. plan=think")
+            aliases[name.strip()] = target.strip()
+        updates["tag_aliases"] = aliases
+    try:
+        p = p.model_validate({**p.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+    except ValueError as e:
+        fail(f"bad option: {e}")
+    files = list(inputs or p.inputs)
+    if not files:
+        fail("no input files: give INPUT paths or set sft.prepare.inputs in the config")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        fail(f"input file not found: {', '.join(missing)}")
+    run_dir = record_run(cfg, "prepare-sft")
+    out_dir = out or run_dir / "sft" / "data"
+    result = stage.prepare(files, p, cfg.prompt_template, progress=sys.stderr.isatty())
+    report = stage.build_report(result, files, p)
+    failed = p.strict and bool(result.malformed)
+    stage.write_outputs(result, out_dir, report, write_data=not failed)
+    for r in result.rejections[:20]:
+        typer.echo(f"rejected {r.where}: {r.reason}", err=True)
+    if len(result.rejections) > 20:
+        typer.echo(f"... and {len(result.rejections) - 20} more (see {out_dir / stage.REPORT_FILE})", err=True)
+    typer.echo(
+        f"{report['trajectories_read']} trajectories read, {report['trajectories_kept']} kept, "
+        f"{report['malformed']} malformed, {report['filtered']} filtered; "
+        f"{report['samples_written']} samples -> {out_dir / stage.DATA_FILE}"
+    )
+    if failed:
+        fail(f"--strict: {len(result.malformed)} malformed record(s); no data written (report: {out_dir / stage.REPORT_FILE})", code=1)
+    if not result.samples:
+        fail(f"no samples written: every trajectory was rejected (report: {out_dir / stage.REPORT_FILE})", code=1)
+
+
+@app.command("score")
+def score_cmd(
+    predictions: Annotated[
+        Path,
+        typer.Option(
+            "--predictions",
+            "-p",
+            help="JSONL with golden_answers and prediction|response, or the paper script's JSON list (ground_truth, model_output).",
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: n, em, subem, f1, rouge_l.")] = False,
+) -> None:
+    """Score an existing predictions file: EM, SubEM, F1 and ROUGE-L (see README: Metrics).
+
+    Example:
+
+        sap score --predictions runs/demo/eval/sft/predictions.jsonl --json
+    """
+    from sap.stages.score import PredictionsError, score_file
+
+    try:
+        metrics = score_file(predictions)
+    except PredictionsError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    typer.echo(f"n        {metrics['n']}")
+    for key, label in (("em", "EM"), ("subem", "SubEM"), ("f1", "F1"), ("rouge_l", "ROUGE-L")):
+        typer.echo(f"{label:<8} {metrics[key]:.4f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The experiment config: one YAML file per experiment, validated by small typed models.
+
+Defaults are the paper's settings (Qwen2.5-3B-Instruct, LoRA SFT, PPO table 1, eval table
+2); a YAML file only states what differs. Unknown keys are errors that name their key path,
+and ``--set a.b.c=value`` overrides are checked the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file and key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "Qwen/Qwen2.5-3B-Instruct"
+    """Local path or hub id of the base policy."""
+    chat_template: str = "qwen"
+    """LLaMA-Factory template name for SFT."""
+
+
+class TrackingConfig(_Section):
+    backend: Literal["none", "wandb", "tensorboard"] = "none"
+    mode: Literal["online", "offline"] = "offline"
+    """wandb mode."""
+    project: str = "sap"
+
+
+class RetrieverConfig(_Section):
+    url: str = "http://127.0.0.1:8000"
+    topk: int = Field(3, ge=1, le=100)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class PrepareSFTConfig(_Section):
+    inputs: list[str] = []
+    tag_aliases: dict[str, Literal["think", "search", "information", "answer"]] = {}
+    min_f1: float | None = Field(None, ge=0, le=1)
+    require_search: bool = False
+    reject_phrases: list[str] = []
+    dedupe: bool = False
+    strict: bool = False
+    keep_prompt: bool = False
+    """Use each record's own prompt text instead of rebuilding it from the question."""
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target: str = "all"
+
+
+class SFTConfig(_Section):
+    prepare: PrepareSFTConfig = PrepareSFTConfig()
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(1e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    cutoff_len: int = Field(4096, ge=16)
+    llamafactory: dict[str, Any] = {}
+    """Any further LLaMA-Factory training key, passed through as is."""
+
+
+class PPOConfig(_Section):
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    total_training_steps: int = Field(600, ge=1)
+    train_batch_size: int = Field(32, ge=1)
+    ppo_mini_batch_size: int = Field(32, ge=1)
+    ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
+    actor_lr: float = Field(1e-6, gt=0)
+    critic_lr: float = Field(1e-5, gt=0)
+    kl_coef: float = Field(0.001, ge=0)
+    max_turns: int = Field(2, ge=1)
+    max_prompt_length: int = Field(4096, ge=1)
+    max_response_length: int = Field(500, ge=1)
+    lora_rank: int = Field(0, ge=0)
+    """0 = full fine-tuning."""
+    init: Literal["sft", "base"] = "sft"
+    n_gpus_per_node: int = Field(8, ge=1)
+    nnodes: int = Field(1, ge=1)
+    verl: dict[str, Any] = {}
+    """Further Hydra overrides for VeRL (``key.path: value``), passed through."""
+
+
+class EvalGroup(_Section):
+    model: str
+
+
+def _default_groups() -> dict[str, EvalGroup]:
+    return {
+        "baseline": EvalGroup(model="Qwen/Qwen2.5-3B-Instruct"),
+        "sft": EvalGroup(model="runs/{experiment}/sft/merged"),
+        "rl": EvalGroup(model="PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-3b-it-em-ppo"),
+        "sft_rl": EvalGroup(model="runs/{experiment}/ppo/merged"),
+    }
+
+
+class EvalConfig(_Section):
+    dataset: str = "data/nq/test.jsonl"
+    engine: Literal["vllm", "hf"] = "vllm"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_turns: int = Field(5, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    """Token cap of one turn."""
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    groups: dict[str, EvalGroup] = Field(default_factory=_default_groups)
+
+
+class EnvironmentsConfig(_Section):
+    sft_python: str = ".venv-sft/bin/python"
+    rl_python: str = ".venv-rl/bin/python"
+
+
+class ExperimentConfig(_Section):
+    experiment: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+    run_root: str = "runs"
+    seed: int = 42
+    prompt_template: str = "searchr1"
+    model: ModelConfig = ModelConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    sft: SFTConfig = SFTConfig()
+    ppo: PPOConfig = PPOConfig()
+    eval: EvalConfig = EvalConfig()
+    environments: EnvironmentsConfig = EnvironmentsConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.experiment
+
+    def expand(self, text: str) -> str:
+        """Fill ``{experiment}`` and ``{run_dir}`` in a configured path."""
+        return text.format(experiment=self.experiment, run_dir=self.run_dir)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value), the value read as YAML (``0`` -> int)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node: Any = data
+    model: type[BaseModel] | None = ExperimentConfig
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        field_type = None
+        if model is not None:
+            if k not in model.model_fields:
+                raise ConfigError(f"--set {'.'.join(keys)}: unknown key {'.'.join(keys[: i + 1])!r}")
+            field_type = model.model_fields[k].annotation
+        if last:
+            node[k] = value
+            return
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+        model = field_type if isinstance(field_type, type) and issubclass(field_type, BaseModel) else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults when ``path`` is None) and apply
+    dotted overrides. Raises :class:`ConfigError` naming the file and key path."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+        source += f" + --set {item}"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

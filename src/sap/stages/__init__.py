@@ -1,0 +1,1 @@
+"""The pipeline stages, each an importable function behind a thin ``sap`` command."""

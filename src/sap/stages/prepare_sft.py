@@ -1,0 +1,186 @@
+"""``sap prepare-sft``: teacher trajectories -> step-wise Alpaca samples for LLaMA-Factory.
+
+The paper's rule: a trajectory with N searches gives N+1 samples, one per model action. The
+instruction of sample k is the prompt plus the history of actions 1..k-1 with their
+``<information>`` blocks; ``input`` is empty; the output is action k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sap.rules.atomic import atomic_write_json
+from sap.rules.config import PrepareSFTConfig
+from sap.rules.prompts import build_prompt
+from sap.rules.scoring import f1
+from sap.rules.tags import ANSWER, SEARCH, TEXT, THINK, parse, render_action, render_history, split_actions, validate
+from sap.stages.trajectory_io import Episode, Where, read_episodes
+
+DATA_FILE = "iterative_sft_data.json"
+DATASET_INFO_FILE = "dataset_info.json"
+REPORT_FILE = "prepare_sft_report.json"
+DATASET_NAME = "sap_iterative_sft"
+
+
+@dataclass
+class Rejection:
+    where: Where
+    reason: str
+    kind: str  # "malformed" or "filtered"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.where.as_dict(), "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class PrepareResult:
+    samples: list[dict[str, str]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    trajectories_read: int = 0
+    trajectories_kept: int = 0
+    searches: Counter = field(default_factory=Counter)
+    warnings: Counter = field(default_factory=Counter)
+    duplicate_samples: int = 0
+
+    @property
+    def malformed(self) -> list[Rejection]:
+        return [r for r in self.rejections if r.kind == "malformed"]
+
+
+def episode_samples(steps_actions: Sequence, prompt: str) -> list[dict[str, str]]:
+    """One Alpaca sample per action: history in the instruction, the action as output."""
+    samples = []
+    for k, action in enumerate(steps_actions):
+        samples.append({"instruction": prompt + render_history(steps_actions[:k]), "input": "", "output": render_action(action)})
+    return samples
+
+
+def _filter_reason(episode: Episode, steps: Sequence, cfg: PrepareSFTConfig) -> str | None:
+    n_search = sum(1 for s in steps if s.kind == SEARCH)
+    if cfg.require_search and n_search == 0:
+        return "no search (--require-search)"
+    if cfg.reject_phrases:
+        reasoning = " ".join(s.content for s in steps if s.kind in (THINK, TEXT)).lower()
+        for phrase in cfg.reject_phrases:
+            if phrase.lower() in reasoning:
+                return f"reasoning contains {phrase!r} (--reject-phrase)"
+    if cfg.min_f1 is not None and episode.golden_answers:
+        answer = next(s.content for s in reversed(steps) if s.kind == ANSWER)
+        score = f1(answer, episode.golden_answers)
+        if score < cfg.min_f1:
+            return f"answer F1 {score:.2f} < {cfg.min_f1} (--min-f1)"
+    return None
+
+
+def prepare(
+    inputs: Iterable[str | Path], cfg: PrepareSFTConfig, prompt_template: str = "searchr1", progress: bool = False
+) -> PrepareResult:
+    """Read every input, split valid trajectories into samples, record every rejection."""
+    result = PrepareResult()
+    seen_trajectories: dict[str, Where] = {}
+    seen_samples: set[str] = set()
+    aliases = dict(cfg.tag_aliases)
+    for path in inputs:
+        for item in tqdm(read_episodes(path), desc=f"prepare-sft {Path(path).name}", unit=" traj", disable=not progress):
+            result.trajectories_read += 1
+            if item.episode is None:
+                result.rejections.append(Rejection(item.where, item.error or "unreadable", "malformed"))
+                continue
+            ep = item.episode
+            parsed = parse(ep.trajectory, aliases)
+            for p in parsed.problems:
+                if not p.fatal:
+                    result.warnings[p.reason] += 1
+            reasons = [p.reason for p in parsed.problems if p.fatal] or [p.reason for p in validate(parsed.steps)]
+            if reasons:
+                result.rejections.append(Rejection(ep.where, "; ".join(reasons), "malformed"))
+                continue
+            if cfg.keep_prompt and ep.prompt:
+                prompt = ep.prompt if ep.prompt.endswith("\n") else ep.prompt + "\n"
+            elif ep.question:
+                prompt = build_prompt(ep.question, prompt_template)
+            else:
+                result.rejections.append(
+                    Rejection(ep.where, "no question found (need 'question', 'Question: ...' in the prompt, or --keep-prompt)", "malformed")
+                )
+                continue
+            reason = _filter_reason(ep, parsed.steps, cfg)
+            if reason:
+                result.rejections.append(Rejection(ep.where, reason, "filtered"))
+                continue
+            if cfg.dedupe:
+                key = _digest(prompt, ep.trajectory)
+                if key in seen_trajectories:
+                    result.rejections.append(Rejection(ep.where, f"duplicate of {seen_trajectories[key]} (--dedupe)", "filtered"))
+                    continue
+                seen_trajectories[key] = ep.where
+            actions = split_actions(parsed.steps)
+            result.trajectories_kept += 1
+            result.searches[len(actions) - 1] += 1
+            for sample in episode_samples(actions, prompt):
+                if cfg.dedupe:
+                    key = _digest(sample["instruction"], sample["output"])
+                    if key in seen_samples:
+                        result.duplicate_samples += 1
+                        continue
+                    seen_samples.add(key)
+                result.samples.append(sample)
+    return result
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def dataset_info(data_file: str = DATA_FILE, name: str = DATASET_NAME) -> dict[str, Any]:
+    """The ``dataset_info.json`` entry LLaMA-Factory reads for Alpaca-format data."""
+    return {
+        name: {"file_name": data_file, "formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    }
+
+
+def build_report(result: PrepareResult, inputs: Sequence[str | Path], cfg: PrepareSFTConfig) -> dict[str, Any]:
+    kept = result.trajectories_kept
+    total_searches = sum(k * v for k, v in result.searches.items())
+    return {
+        "inputs": [str(p) for p in inputs],
+        "trajectories_read": result.trajectories_read,
+        "trajectories_kept": kept,
+        "trajectories_rejected": len(result.rejections),
+        "malformed": len(result.malformed),
+        "filtered": len(result.rejections) - len(result.malformed),
+        "samples_written": len(result.samples),
+        "duplicate_samples_dropped": result.duplicate_samples,
+        "searches_per_trajectory": {str(k): result.searches[k] for k in sorted(result.searches)},
+        "mean_searches": total_searches / kept if kept else 0.0,
+        "warnings": dict(sorted(result.warnings.items())),
+        "filters": {
+            "min_f1": cfg.min_f1,
+            "require_search": cfg.require_search,
+            "reject_phrases": list(cfg.reject_phrases),
+            "dedupe": cfg.dedupe,
+        },
+        "rejected": [r.as_dict() for r in result.rejections],
+    }
+
+
+def write_outputs(result: PrepareResult, out_dir: str | Path, report: dict[str, Any], write_data: bool = True) -> Path:
+    """Write data, dataset_info and report atomically; the report always, the data only
+    when ``write_data``."""
+    out = Path(out_dir)
+    if write_data:
+        atomic_write_json(out / DATA_FILE, result.samples)
+        atomic_write_json(out / DATASET_INFO_FILE, dataset_info())
+    atomic_write_json(out / REPORT_FILE, report)
+    return out

@@ -1,0 +1,86 @@
+"""``sap score``: metrics of an existing predictions file.
+
+Reads JSONL records with ``golden_answers`` (or ``answer``/``answers``) and either a
+``prediction`` or a ``response`` (the answer is extracted from it), or the JSON list written
+by the paper's evaluation script (``ground_truth`` and ``model_output``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sap.rules.scoring import Scores, aggregate, score
+from sap.rules.tags import extract_answer
+
+
+class PredictionsError(ValueError):
+    pass
+
+
+_GOLD_KEYS = ("golden_answers", "ground_truth", "answers", "answer")
+_RESPONSE_KEYS = ("response", "model_output")
+
+
+def _gold(record: dict[str, Any], where: str) -> list[str]:
+    for key in _GOLD_KEYS:
+        if key in record:
+            value = record[key]
+            if isinstance(value, dict) and "target" in value:
+                value = value["target"]
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise PredictionsError(f"{where}: field {key!r} must be a string or a list of strings")
+    raise PredictionsError(f"{where}: no gold answers (expected one of {', '.join(_GOLD_KEYS)})")
+
+
+def _prediction(record: dict[str, Any], where: str) -> str:
+    if "prediction" in record:
+        value = record["prediction"]
+        if not isinstance(value, str):
+            raise PredictionsError(f"{where}: field 'prediction' must be a string")
+        return value
+    for key in _RESPONSE_KEYS:
+        if key in record:
+            value = record[key]
+            if not isinstance(value, str):
+                raise PredictionsError(f"{where}: field {key!r} must be a string")
+            return extract_answer(value)
+    raise PredictionsError(f"{where}: no prediction (expected 'prediction', 'response' or 'model_output')")
+
+
+def load_predictions(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(prediction, gold answers) pairs of a predictions file; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    records: list[tuple[str, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PredictionsError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise PredictionsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+    pairs = []
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise PredictionsError(f"{where}: record is not an object")
+        pairs.append((_prediction(r, where), _gold(r, where)))
+    return pairs
+
+
+def score_file(path: str | Path) -> dict[str, float | int]:
+    rows: list[Scores] = [score(pred, gold) for pred, gold in load_predictions(path)]
+    return aggregate(rows)
