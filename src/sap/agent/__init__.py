@@ -1,0 +1,1 @@
+"""The agent layer: the multi-turn search loop, generation engines and the retriever client."""
