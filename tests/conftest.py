@@ -14,3 +14,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA} (the repo must sit beside shared/)")
     return SHARED_DATA
+
+
+def tokenizer_texts(shared_data: Path, n: int = 400) -> list[str]:
+    """Text to train the tiny tokenizer on: Search-R1 prompts, passages and tagged steps."""
+    import gzip
+    import json
+
+    from sap.rules.prompts import INVALID_ACTION_MESSAGE, build_prompt, information_block
+
+    texts = [INVALID_ACTION_MESSAGE, "<think> </think> <search> </search> <information> </information> <answer> </answer>"]
+    with gzip.open(shared_data / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            r = json.loads(line)
+            ctx = r["ctxs"][0]
+            texts.append(build_prompt(r["question"]))
+            texts.append(f"<think> I need to search. </think> <search> {r['question']} </search>")
+            texts.append(information_block(f'Doc 1(Title: "{ctx["title"]}") {ctx["text"]}'))
+            texts.append(f"<answer> {r['answers'][0]} </answer>")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, shared_data) -> Path:
+    """A tiny random Qwen2 model with a ChatML tokenizer, built once per test session."""
+    from sap.tiny_model import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_texts(shared_data))
