@@ -9,13 +9,21 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install test test-fast lint format clean
+.PHONY: help install test test-fast test-rl lint format clean setup-rl setup-gpu
+
+# The RL environment: VeRL 0.9.1 + sap (CPU here: agent loop, Ray, config and data checks).
+RL_VENV        ?= .venv-rl
+RL_CONSTRAINTS ?= constraints/rl.txt
+RL_BIN         := $(RL_VENV)/bin
+VERL_SPEC      ?= verl[verl-core]==0.9.1
 
 help:
 	@echo "make install     core environment ($(VENV)): sap, retriever, eval engines"
 	@echo "make test        create what the tests need, then run every test"
 	@echo "make test-fast   only the fast tests (no -m slow)"
 	@echo "make lint        ruff"
+	@echo "make setup-rl    RL environment ($(RL_VENV)): VeRL 0.9.1 + sap, CPU"
+	@echo "make setup-gpu   on a GPU node: $(RL_VENV) with VeRL's GPU extras (vLLM, FSDP, flash-attn)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +35,37 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 
 install: $(VENV)/.installed
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+$(RL_BIN)/python:
+	$(PYTHON) -m venv $(RL_VENV)
+
+# torchvision/torchaudio/torchcodec from PyPI are CUDA builds that break imports on CPU torch.
+$(RL_VENV)/.installed: pyproject.toml $(RL_CONSTRAINTS) | $(RL_BIN)/python
+	$(RL_BIN)/pip install $(PIP_FLAGS) -c $(RL_CONSTRAINTS) "$(VERL_SPEC)" -e ".[dev,data]"
+	$(RL_BIN)/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	@touch $@
+
+setup-rl: $(RL_VENV)/.installed
+
+# GPU node only (CUDA 13, not run in CI): VeRL's vLLM + FSDP extras pin torch 2.11, vllm 0.24,
+# transformers 5.9 and flash-attn 2.8.3 (prebuilt wheel for cu130/torch 2.11).
+setup-gpu:
+	@command -v nvidia-smi >/dev/null || { echo "setup-gpu: no nvidia-smi here; run this on a GPU node (CPU machines: make setup-rl)"; exit 2; }
+	test -x $(RL_BIN)/python || $(PYTHON) -m venv $(RL_VENV)
+	$(RL_BIN)/pip install $(PIP_FLAGS) "verl[vllm,fsdp]==0.9.1" -e ".[dev,data]"
+	$(RL_BIN)/python -c "import torch, vllm, flash_attn; assert torch.cuda.is_available(); print('GPU RL environment ready:', torch.__version__, vllm.__version__)"
+	@touch $(RL_VENV)/.installed
+
+# Two runs: the core environment (everything not marked rl_env), then the RL environment
+# (tests marked rl_env: VeRL's agent loop, dataset and config validation).
+test: install setup-rl
+	$(BIN)/python -m pytest -m "not rl_env" $(PYTEST_ARGS)
+	$(RL_BIN)/python -m pytest -m rl_env $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not rl_env" $(PYTEST_ARGS)
+
+test-rl: install setup-rl
+	$(RL_BIN)/python -m pytest -m rl_env $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks retriever
@@ -42,4 +76,4 @@ format: install
 	$(BIN)/ruff format src tests benchmarks retriever
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(RL_VENV) .pytest_cache .ruff_cache

@@ -311,6 +311,82 @@ def retriever_serve(
         fail(str(e))
 
 
+@app.command("train-ppo")
+def train_ppo_cmd(
+    init: Annotated[
+        str | None,
+        typer.Option("--init", help="Start from the merged SFT model (sft: runs/<experiment>/sft/merged) or the base model (base: model.path)."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Write data and configs, validate them with VeRL, print the command; needs no GPU and no retriever."),
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search-R1-style multi-turn PPO on VeRL (GAE + critic; GRPO and LoRA as options).
+
+    Builds runs/<experiment>/ppo/data/{train,val}.parquet, ppo/agent_loop.yaml and every VeRL
+    Hydra override from the config, checks the retriever's /health, validates the full VeRL
+    config, writes ppo/command.txt, runs `python -m verl.trainer.main_ppo` in the RL
+    environment (log: ppo/train.log) and merges the last checkpoint into ppo/merged/.
+
+    Example:
+
+        sap train-ppo --config configs/paper/nq_qwen2.5-3b.yaml --init sft --dry-run
+    """
+    import shlex
+
+    from sap.agent.retrieval import RetrievalError, RetrieverClient
+    from sap.rules.atomic import atomic_write_text
+    from sap.rules.rundir import record_run
+    from sap.stages import train_ppo as stage
+
+    cfg = resolve_config(config, set_)
+    if init is not None:
+        if init not in ("sft", "base"):
+            fail(f"--init {init!r}: expected 'sft' or 'base'")
+        cfg.ppo.init = init
+    try:
+        RetrieverClient.from_config(cfg.retriever).health()
+    except RetrievalError as e:
+        if not dry_run:
+            fail(f"{e}\nstart it first (sap retriever serve ...) or set retriever.url")
+        typer.secho(f"warning: {e} (ignored by --dry-run)", fg=typer.colors.YELLOW, err=True)
+    run_dir = record_run(cfg, "train-ppo")
+    ppo_dir = run_dir / "ppo"
+    try:
+        counts = stage.build_dataset(cfg, ppo_dir / "data")
+        typer.echo(f"data: {counts['train']} train / {counts['val']} val questions -> {ppo_dir / 'data'}")
+        stage.write_agent_loop_config(cfg, ppo_dir / "agent_loop.yaml")
+        the_plan = stage.plan(cfg)
+        if not Path(the_plan.model_path).exists():
+            if cfg.ppo.init == "sft" and not dry_run:
+                fail(f"merged SFT model not found: {the_plan.model_path} (run `sap train-sft` first, or use --init base)")
+            typer.secho(f"warning: initial model {the_plan.model_path} is not a local folder", fg=typer.colors.YELLOW, err=True)
+        python = stage.rl_python(cfg)
+        report = stage.compose_and_validate(python, the_plan.overrides, ppo_dir / "verl_config.yaml")
+        typer.echo(report)
+        command = the_plan.command(python)
+        env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in the_plan.env.items())
+        command_text = (env_prefix + " " if env_prefix else "") + shlex.join(command)
+        atomic_write_text(ppo_dir / "command.txt", command_text + "\n")
+        if dry_run:
+            typer.echo(f"dry run: VeRL config valid -> {ppo_dir / 'verl_config.yaml'}; command ({ppo_dir / 'command.txt'}):")
+            typer.echo(command_text)
+            return
+        if not stage.cuda_available(python):
+            fail("no CUDA GPU in the RL environment: VeRL's PPO trainer (FSDP + vLLM) cannot run on CPU. "
+                 "Run this on a GPU node (`make setup-gpu`, scripts/train_ppo.sh), or use --dry-run here.")
+        rc = stage.launch(python, the_plan, ppo_dir / "train.log")
+        if rc != 0:
+            fail(f"VeRL training failed (exit {rc}); see {ppo_dir / 'train.log'}", code=1)
+        merged = stage.merge_last_checkpoint(python, the_plan, ppo_dir / "train.log")
+        typer.echo(f"merged policy -> {merged}")
+    except stage.PPOStageError as e:
+        fail(str(e))
+
+
 def main() -> None:
     app()
 

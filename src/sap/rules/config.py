@@ -134,7 +134,12 @@ class SFTConfig(_Section):
 
 
 class PPOConfig(_Section):
+    """Stage 3 (``sap train-ppo``): Search-R1-style multi-turn PPO on VeRL. Defaults are the
+    paper's table 1; keys below ``verl`` pass any other VeRL Hydra override through."""
+
     algorithm: Literal["ppo", "grpo"] = "ppo"
+    """``ppo``: GAE with a critic, KL penalty in the reward. ``grpo``: group-relative advantages, no
+    critic, KL as a loss term, ``rollout_n`` samples per question."""
     total_training_steps: int = Field(600, ge=1)
     train_batch_size: int = Field(32, ge=1)
     ppo_mini_batch_size: int = Field(32, ge=1)
@@ -143,15 +148,58 @@ class PPOConfig(_Section):
     critic_lr: float = Field(1e-5, gt=0)
     kl_coef: float = Field(0.001, ge=0)
     max_turns: int = Field(2, ge=1)
+    """Search rounds per trajectory; one more generation follows for the answer (Search-R1)."""
     max_prompt_length: int = Field(4096, ge=1)
     max_response_length: int = Field(500, ge=1)
+    """Token cap of one generated turn (passed to the rollout server as ``max_tokens``)."""
+    max_obs_length: int = Field(500, ge=1)
+    """Token cap of one inserted ``<information>`` block (the passages are cut, the tags kept)."""
+    response_budget: int | None = Field(None, ge=1)
+    """Total response tokens across all turns and observations (VeRL's ``response_length``).
+    None: (max_turns + 1) * max_response_length + max_turns * max_obs_length."""
     lora_rank: int = Field(0, ge=0)
     """0 = full fine-tuning."""
+    lora_alpha: int = Field(32, ge=1)
     init: Literal["sft", "base"] = "sft"
+    """``sft``: start from runs/<experiment>/sft/merged; ``base``: from model.path."""
+    rollout_n: int | None = Field(None, ge=1)
+    """Samples per question. None: 1 for ppo, 5 for grpo."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    reward: Literal["em", "em_format"] = "em"
+    """``em``: exact match of the last <answer>. ``em_format``: Search-R1's format-aware variant."""
+    structure_format_score: float = Field(0.2, ge=0, le=1)
+    """em_format: reward of a well-formed trajectory with a wrong answer."""
+    final_format_score: float = Field(0.1, ge=0, le=1)
+    """em_format: reward of an ill-formed trajectory that still ends with an answer."""
+    retrieval_score: float = Field(0.1, ge=0, le=1)
+    """em_format: reward of a well-formed, wrong trajectory whose retrieved passages hold a gold answer."""
+    train_data: str = "data/nq/train.jsonl"
+    """NQ-style JSONL (question, answer|golden_answers) or Search-R1 parquet of training questions."""
+    val_data: str = "data/nq/test.jsonl"
+    train_limit: int | None = Field(None, ge=1)
+    val_limit: int | None = Field(256, ge=1)
+    rollout_engine: Literal["vllm", "sglang"] = "vllm"
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    agent_workers: int = Field(8, ge=1)
+    """VeRL agent-loop workers (Ray actors) running trajectories in parallel."""
+    save_freq: int = Field(100, ge=-1)
+    test_freq: int = Field(50, ge=-1)
     n_gpus_per_node: int = Field(8, ge=1)
     nnodes: int = Field(1, ge=1)
     verl: dict[str, Any] = {}
     """Further Hydra overrides for VeRL (``key.path: value``), passed through."""
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.rollout_n or (5 if self.algorithm == "grpo" else 1)
+
+    @property
+    def total_response_length(self) -> int:
+        if self.response_budget is not None:
+            return self.response_budget
+        return (self.max_turns + 1) * self.max_response_length + self.max_turns * self.max_obs_length
 
 
 class EvalGroup(_Section):

@@ -1,0 +1,410 @@
+"""``sap train-ppo``: Search-R1-style multi-turn PPO on VeRL 0.9.1 (the paper's stage 3).
+
+The stage runs in sap's core environment and drives VeRL in the RL environment
+(``environments.rl_python``) as subprocesses:
+
+1. :func:`build_dataset` writes ``ppo/data/{train,val}.parquet`` in Search-R1's parquet layout
+   (``prompt`` = the shared Search-R1 chat, ``reward_model.ground_truth.target`` = gold
+   answers, ``agent_name`` = the sap agent loop);
+2. :func:`write_agent_loop_config` writes ``ppo/agent_loop.yaml`` (agent loop class, retriever,
+   turn and token limits);
+3. :func:`hydra_overrides` turns the experiment config into VeRL Hydra overrides (PPO/GAE with
+   a critic, or GRPO; full fine-tuning or LoRA; GPUs and nodes; tracking);
+4. :func:`compose_and_validate` runs :mod:`sap.rl.compose` in the RL environment: VeRL's own
+   Hydra config + ``validate_config`` + loading the reward function and the agent loop;
+5. :func:`launch` starts ``python -m verl.trainer.main_ppo`` (logs in ``ppo/train.log``) and
+   :func:`merge_last_checkpoint` turns the last actor checkpoint into ``ppo/merged/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sap.rules.atomic import atomic_write_text
+from sap.rules.config import ExperimentConfig
+from sap.rules.prompts import chat_messages, normalize_question
+
+AGENT_NAME = "sap_search"
+AGENT_LOOP_TARGET = "sap.rl.agent_loop.SearchAgentLoop"
+REWARD_MODULE = "pkg://sap.rl.reward"
+DATA_SOURCE = "nq"
+
+
+class PPOStageError(RuntimeError):
+    """Bad input or environment for ``sap train-ppo``; the message says what to fix."""
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    golden_answers: list[str]
+
+
+def _answers(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise PPOStageError(f"{where}: 'answer'/'golden_answers' must be a non-empty list of strings")
+    return value
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """Questions and gold answers from NQ-open JSONL (``question``, ``answer`` or
+    ``golden_answers``) or a Search-R1 parquet (``question``, ``golden_answers``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PPOStageError(f"{path}: question file not found (set ppo.train_data / ppo.val_data)")
+    rows: list[Question] = []
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+        for col in ("question", "golden_answers"):
+            if col not in df.columns:
+                raise PPOStageError(f"{path}: parquet has no {col!r} column (columns: {list(df.columns)})")
+        for i, r in enumerate(df.itertuples(index=False)):
+            if limit is not None and len(rows) >= limit:
+                break
+            rid = str(getattr(r, "id", i))
+            rows.append(Question(rid, str(r.question), _answers(r.golden_answers, f"{path}: row {i}")))
+        return rows
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PPOStageError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
+                raise PPOStageError(f"{where}: missing field 'question'")
+            gold = rec.get("golden_answers", rec.get("answer"))
+            if gold is None:
+                raise PPOStageError(f"{where}: missing field 'answer' (or 'golden_answers')")
+            rows.append(Question(str(rec.get("id", lineno - 1)), rec["question"], _answers(gold, where)))
+    return rows
+
+
+def verl_records(questions: Sequence[Question], split: str, template: str) -> list[dict[str, Any]]:
+    """Rows in Search-R1's parquet layout plus ``agent_name`` (which VeRL agent loop plays them)."""
+    return [
+        {
+            "id": f"{split}_{i}",
+            "question": normalize_question(q.question),
+            "golden_answers": list(q.golden_answers),
+            "data_source": DATA_SOURCE,
+            "prompt": chat_messages(q.question, template),
+            "ability": "fact-reasoning",
+            "reward_model": {"ground_truth": {"target": list(q.golden_answers)}, "style": "rule"},
+            "extra_info": {"index": i, "split": split, "source_id": q.id},
+            "agent_name": AGENT_NAME,
+        }
+        for i, q in enumerate(questions)
+    ]
+
+
+def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
+    """Atomic parquet write (temporary name, then rename)."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def build_dataset(cfg: ExperimentConfig, out_dir: Path) -> dict[str, int]:
+    """Write ``train.parquet`` and ``val.parquet`` under ``out_dir``; returns row counts."""
+    counts = {}
+    for split, src, limit in (("train", cfg.ppo.train_data, cfg.ppo.train_limit), ("val", cfg.ppo.val_data, cfg.ppo.val_limit)):
+        questions = load_questions(cfg.expand(src), limit)
+        if not questions:
+            raise PPOStageError(f"{src}: no questions")
+        write_parquet(verl_records(questions, split, cfg.prompt_template), out_dir / f"{split}.parquet")
+        counts[split] = len(questions)
+    if counts["train"] < cfg.ppo.train_batch_size:
+        raise PPOStageError(f"{cfg.ppo.train_data}: {counts['train']} training questions, fewer than ppo.train_batch_size={cfg.ppo.train_batch_size}")
+    return counts
+
+
+# --- VeRL configuration ---------------------------------------------------------------------
+
+
+def agent_loop_config(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    r = cfg.retriever
+    return [
+        {
+            "name": AGENT_NAME,
+            "_target_": AGENT_LOOP_TARGET,
+            "retriever": {"url": r.url, "topk": r.topk, "timeout_s": r.timeout_s, "max_retries": r.max_retries, "backoff_s": r.backoff_s},
+            "max_turns": cfg.ppo.max_turns,
+            "max_turn_tokens": cfg.ppo.max_response_length,
+            "max_obs_tokens": cfg.ppo.max_obs_length,
+        }
+    ]
+
+
+def write_agent_loop_config(cfg: ExperimentConfig, path: Path) -> None:
+    header = "# VeRL agent-loop registry for sap (written by `sap train-ppo`; edit the experiment config instead).\n"
+    atomic_write_text(path, header + yaml.safe_dump(agent_loop_config(cfg), sort_keys=False))
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value as a Hydra override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if text and all(c.isalnum() or c in "_-./" for c in text) and text not in ("true", "false", "null"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+TRACKING_LOGGERS = {"none": ["console"], "wandb": ["console", "wandb"], "tensorboard": ["console", "tensorboard"]}
+
+
+@dataclass
+class PPOPlan:
+    """Everything ``sap train-ppo`` decided, before anything runs."""
+
+    run_dir: Path
+    model_path: str
+    overrides: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ppo_dir(self) -> Path:
+        return self.run_dir / "ppo"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.ppo_dir / "checkpoints"
+
+    def command(self, rl_python: str) -> list[str]:
+        return [rl_python, "-m", "verl.trainer.main_ppo", *self.overrides]
+
+
+def resolve_model(cfg: ExperimentConfig, init: str) -> str:
+    """``sft``: runs/<experiment>/sft/merged; ``base``: model.path."""
+    return str(cfg.run_dir / "sft" / "merged") if init == "sft" else cfg.expand(cfg.model.path)
+
+
+def _abs(path: Path) -> str:
+    return str(path.resolve())
+
+
+def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> list[str]:
+    """Every VeRL Hydra override that the experiment config decides (``ppo.verl`` last)."""
+    p = cfg.ppo
+    model = _abs(Path(model_path)) if Path(model_path).exists() else model_path
+    grpo = p.algorithm == "grpo"
+    o: dict[str, Any] = {
+        # data: the parquet written by build_dataset, prompts kept as chats for the agent loop
+        "data.train_files": _abs(ppo_dir / "data" / "train.parquet"),
+        "data.val_files": _abs(ppo_dir / "data" / "val.parquet"),
+        "data.prompt_key": "prompt",
+        "data.train_batch_size": p.train_batch_size,
+        "data.max_prompt_length": p.max_prompt_length,
+        "data.max_response_length": p.total_response_length,
+        "data.return_raw_chat": True,
+        "data.filter_overlong_prompts": True,
+        "data.truncation": "error",
+        "data.seed": cfg.seed,
+        # policy
+        "actor_rollout_ref.model.path": model,
+        "actor_rollout_ref.model.use_remove_padding": True,
+        "actor_rollout_ref.model.enable_gradient_checkpointing": True,
+        "actor_rollout_ref.model.lora_rank": p.lora_rank,
+        "actor_rollout_ref.actor.optim.lr": p.actor_lr,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": p.ppo_mini_batch_size,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
+        "actor_rollout_ref.actor.use_kl_loss": grpo,
+        "actor_rollout_ref.actor.kl_loss_coef": p.kl_coef,
+        "actor_rollout_ref.actor.entropy_coeff": 0,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
+        # rollout: the sap agent loop on an async rollout server
+        "actor_rollout_ref.rollout.name": p.rollout_engine,
+        "actor_rollout_ref.rollout.mode": "async",
+        "actor_rollout_ref.rollout.n": p.samples_per_prompt,
+        "actor_rollout_ref.rollout.temperature": p.temperature,
+        "actor_rollout_ref.rollout.top_p": p.top_p,
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": p.tensor_parallel_size,
+        "actor_rollout_ref.rollout.gpu_memory_utilization": p.gpu_memory_utilization,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
+        "actor_rollout_ref.rollout.agent.num_workers": p.agent_workers,
+        "actor_rollout_ref.rollout.agent.default_agent_loop": AGENT_NAME,
+        "actor_rollout_ref.rollout.agent.agent_loop_config_path": _abs(ppo_dir / "agent_loop.yaml"),
+        # algorithm
+        "algorithm.adv_estimator": "grpo" if grpo else "gae",
+        "algorithm.use_kl_in_reward": not grpo,
+        "algorithm.kl_ctrl.kl_coef": p.kl_coef,
+        # reward: sap's function, its options as reward_kwargs
+        "reward.custom_reward_function.path": REWARD_MODULE,
+        "reward.custom_reward_function.name": "compute_score",
+        "+reward.custom_reward_function.reward_kwargs.reward": p.reward,
+        "+reward.custom_reward_function.reward_kwargs.structure_format_score": p.structure_format_score,
+        "+reward.custom_reward_function.reward_kwargs.final_format_score": p.final_format_score,
+        "+reward.custom_reward_function.reward_kwargs.retrieval_score": p.retrieval_score,
+        # trainer
+        "trainer.logger": TRACKING_LOGGERS[cfg.tracking.backend],
+        "trainer.project_name": cfg.tracking.project,
+        "trainer.experiment_name": cfg.experiment,
+        "trainer.n_gpus_per_node": p.n_gpus_per_node,
+        "trainer.nnodes": p.nnodes,
+        "trainer.total_training_steps": p.total_training_steps,
+        "trainer.save_freq": p.save_freq,
+        "trainer.test_freq": p.test_freq,
+        "trainer.default_local_dir": _abs(ppo_dir / "checkpoints"),
+        "trainer.resume_mode": "auto",
+        "hydra.run.dir": _abs(ppo_dir / "hydra"),
+    }
+    if p.lora_rank > 0:
+        o["actor_rollout_ref.model.lora_alpha"] = p.lora_alpha
+        o["actor_rollout_ref.model.target_modules"] = "all-linear"
+    if grpo:
+        o["critic.enable"] = False
+    else:
+        o["critic.enable"] = True
+        o["critic.optim.lr"] = p.critic_lr
+        o["critic.model.path"] = model
+        o["critic.model.use_remove_padding"] = True
+        o["critic.model.enable_gradient_checkpointing"] = True
+        o["critic.ppo_micro_batch_size_per_gpu"] = p.ppo_micro_batch_size_per_gpu
+        if p.lora_rank > 0:
+            o["critic.model.lora_rank"] = p.lora_rank
+            o["critic.model.lora_alpha"] = p.lora_alpha
+    o.update(p.verl)
+    return [f"{k}={hydra_value(v)}" for k, v in o.items()]
+
+
+def tracking_env(cfg: ExperimentConfig, ppo_dir: Path) -> dict[str, str]:
+    env = {}
+    if cfg.tracking.backend == "tensorboard":
+        env["TENSORBOARD_DIR"] = _abs(ppo_dir / "tensorboard")
+    if cfg.tracking.backend == "wandb":
+        env["WANDB_MODE"] = cfg.tracking.mode
+        env["WANDB_DIR"] = _abs(ppo_dir)
+    return env
+
+
+def plan(cfg: ExperimentConfig, init: str | None = None) -> PPOPlan:
+    run_dir = cfg.run_dir
+    model_path = resolve_model(cfg, init or cfg.ppo.init)
+    ppo_dir = run_dir / "ppo"
+    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir), tracking_env(cfg, ppo_dir))
+
+
+# --- subprocesses in the RL environment -------------------------------------------------
+
+
+def rl_python(cfg: ExperimentConfig) -> str:
+    exe = cfg.environments.rl_python
+    if not Path(exe).exists():
+        raise PPOStageError(f"RL environment interpreter not found: {exe} (run `make setup-rl`, or set environments.rl_python)")
+    return exe
+
+
+def _subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HYDRA_FULL_ERROR", "1")
+    env.update(extra or {})
+    return env
+
+
+def compose_and_validate(python: str, overrides: list[str], resolved_out: Path, timeout_s: float = 600) -> str:
+    """Compose the full VeRL config with VeRL's Hydra files and run VeRL's validation (in the RL
+    environment). Writes the resolved config to ``resolved_out``; returns the checker's report."""
+    args_file = resolved_out.with_suffix(".overrides.json")
+    atomic_write_text(args_file, json.dumps(overrides, indent=1))
+    proc = subprocess.run(
+        [python, "-m", "sap.rl.compose", "--overrides", str(args_file), "--out", str(resolved_out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=_subprocess_env({"HF_HUB_OFFLINE": "1"}),  # validation reads the model's config, never the network
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise PPOStageError(f"VeRL rejected the configuration:\n{tail}")
+    return proc.stdout.strip()
+
+
+def cuda_available(python: str) -> bool:
+    proc = subprocess.run(
+        [python, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"], capture_output=True, timeout=300, env=_subprocess_env()
+    )
+    return proc.returncode == 0
+
+
+def launch(python: str, the_plan: PPOPlan, log_path: Path) -> int:
+    """Run VeRL's trainer; its output goes to the terminal and to ``log_path`` (appended)."""
+    cmd = the_plan.command(python)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_subprocess_env(the_plan.env))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            log.flush()
+        return proc.wait()
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """``global_step_N`` named by VeRL's ``latest_checkpointed_iteration.txt`` (else the highest N)."""
+    marker = checkpoints / "latest_checkpointed_iteration.txt"
+    if marker.is_file():
+        step = marker.read_text().strip()
+        if (checkpoints / f"global_step_{step}").is_dir():
+            return checkpoints / f"global_step_{step}"
+    steps = sorted((int(p.name.rsplit("_", 1)[1]), p) for p in checkpoints.glob("global_step_*") if p.name.rsplit("_", 1)[1].isdigit())
+    return steps[-1][1] if steps else None
+
+
+def merge_command(python: str, checkpoint: Path, target: Path) -> list[str]:
+    return [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(checkpoint / "actor"), "--target_dir", str(target)]
+
+
+def merge_last_checkpoint(python: str, the_plan: PPOPlan, log_path: Path) -> Path:
+    ckpt = last_checkpoint(the_plan.checkpoints)
+    if ckpt is None:
+        raise PPOStageError(f"no checkpoint under {the_plan.checkpoints} to merge (did training save one? see ppo.save_freq)")
+    target = the_plan.ppo_dir / "merged"
+    cmd = merge_command(python, ckpt, target)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env()).returncode
+    if rc != 0:
+        raise PPOStageError(f"merging {ckpt} failed (exit {rc}); see {log_path}")
+    return target
