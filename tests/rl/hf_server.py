@@ -44,6 +44,7 @@ class Call:
     prompt_ids: list[int]
     sampling_params: dict[str, Any]
     token_ids: list[int]
+    log_probs: list[float]
 
 
 class HFGenerationServer:
@@ -88,7 +89,7 @@ class HFGenerationServer:
                 out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
             new = out.sequences[0, len(prompt_ids) :].tolist()
             logprobs = [torch.log_softmax(out.logits[i][0].float(), -1)[t].item() for i, t in enumerate(new)]
-            self.calls.append(Call(request_id, list(prompt_ids), dict(params), new))
+            self.calls.append(Call(request_id, list(prompt_ids), dict(params), new, logprobs))
         return TokenOutput(
             token_ids=new,
             log_probs=logprobs if params.get("logprobs") else None,

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import uuid4
 
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 from verl.utils.profiler import simple_timer
 
 from sap.agent.retrieval import RetrievalError, RetrieverClient, docs_text
@@ -69,12 +69,14 @@ def merge_extra_fields(into: dict[str, Any], new: dict[str, Any]) -> None:
         into[key] = value
 
 
-@register(AGENT_NAME)
 class SearchAgentLoop(AgentLoopBase):
     """Search-R1 multi-turn rollouts: think, search, read ``<information>``, answer.
 
-    Configured from ``ppo/agent_loop.yaml`` (written by ``sap train-ppo``); every key besides
-    ``name`` and ``_target_`` arrives here as a keyword argument.
+    Registered with VeRL by ``ppo/agent_loop.yaml`` (``actor_rollout_ref.rollout.agent.
+    agent_loop_config_path``, written by ``sap train-ppo``) under the name ``sap_search``; every
+    key of that entry besides ``name`` and ``_target_`` arrives here as a keyword argument.
+    (Deliberately not also decorated with VeRL's ``@register``: importing the module would
+    then replace the YAML entry, and its settings, in VeRL's registry.)
     """
 
     def __init__(

@@ -1,0 +1,66 @@
+"""Fixtures for the tests that run inside the RL environment (``.venv-rl``, marker ``rl_env``).
+
+``make test`` runs these with ``.venv-rl/bin/python -m pytest -m rl_env``. The retriever
+(BM25 over the shared oracle passages) is built and served by the *core* environment's
+interpreter (``.venv/bin/python -m sap retriever ...``) through ``sap_retriever.launch``,
+which uses only the standard library and so imports here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sap.rules.config import ExperimentConfig, load_config
+
+
+@pytest.fixture(scope="session")
+def core_retriever_url(tmp_path_factory) -> Iterator[str]:
+    """A real retrieval server on 127.0.0.1 (BM25, oracle passages), run by the core venv."""
+    from sap_retriever.launch import RetrieverServer, build_oracle_index, default_python
+
+    python = default_python()
+    index = build_oracle_index(tmp_path_factory.mktemp("rl-index") / "oracle-bm25", backend="bm25", python=python)
+    with RetrieverServer(index, python=python, startup_timeout_s=120) as url:
+        yield url
+
+
+#: NQ-open dev questions whose gold passage is in the oracle corpus (the BM25 index above).
+QUESTIONS = [
+    {"question": "who got the first nobel prize in physics", "answer": ["Wilhelm Conrad Röntgen"]},
+    {"question": "when is the next deadpool movie being released", "answer": ["May 18, 2018"]},
+    {"question": "who is the owner of reading football club", "answer": ["Xiu Li Dai", "Dai Xiuli", "Dai Yongge", "Yongge Dai"]},
+    {"question": "how many episodes are there in dragon ball z", "answer": ["291 episodes", "291"]},
+]
+
+
+def write_questions(path: Path, rows: list[dict[str, Any]] = QUESTIONS) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def small_config(tmp_path: Path, model: Path, retriever_url: str, *overrides: str) -> ExperimentConfig:
+    """An experiment config sized for CPU tests (1 GPU, tiny batches and token budgets)."""
+    questions = write_questions(tmp_path / "questions.jsonl")
+    return load_config(
+        None,
+        [
+            f"run_root={tmp_path / 'runs'}",
+            "experiment=rl-test",
+            f"model.path={model}",
+            f"retriever.url={retriever_url}",
+            f"ppo.train_data={questions}",
+            f"ppo.val_data={questions}",
+            "ppo.train_batch_size=4",
+            "ppo.ppo_mini_batch_size=4",
+            "ppo.ppo_micro_batch_size_per_gpu=2",
+            "ppo.n_gpus_per_node=1",
+            "ppo.max_prompt_length=512",
+            "ppo.agent_workers=1",
+            *overrides,
+        ],
+    )
