@@ -35,6 +35,20 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="ppo_trainer", overrides=plain)
 
 
+#: vLLM's largest LoRA rank (``vllm.config.lora.MaxLoRARanks``, VeRL's fallback list).
+MAX_VLLM_LORA_RANK = 512
+
+
+def _installed(package: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(package)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def validate(config) -> list[str]:
     """VeRL's own checks plus sap's load checks; returns notes about what was checked."""
     from hydra.utils import get_class
@@ -46,8 +60,18 @@ def validate(config) -> list[str]:
 
     use_critic = need_critic(config)
     use_ref = need_reference_policy(config)
-    validate_config(config=config, use_reference_policy=use_ref, use_critic=use_critic)
     notes = [f"critic: {use_critic}", f"reference policy: {use_ref}", f"adv_estimator: {config.algorithm.adv_estimator}"]
+    checked = config
+    lora_rank = int(config.actor_rollout_ref.model.get("lora_rank", 0) or 0)
+    if lora_rank > 0 and config.actor_rollout_ref.rollout.name == "vllm" and not _installed("vllm"):
+        # VeRL checks the LoRA rank against vLLM's allowed ranks by importing its vLLM rollout,
+        # which needs vllm (GPU nodes only). Here: the same limit, then VeRL's other checks.
+        if lora_rank > MAX_VLLM_LORA_RANK:
+            raise ValueError(f"lora_rank must be less than or equal to {MAX_VLLM_LORA_RANK}, but got {lora_rank}")
+        checked = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+        checked.actor_rollout_ref.rollout.name = "vllm-not-installed"
+        notes.append(f"lora_rank {lora_rank} <= {MAX_VLLM_LORA_RANK} (vllm not installed here: VeRL's vLLM LoRA check skipped)")
+    validate_config(config=checked, use_reference_policy=use_ref, use_critic=use_critic)
 
     if get_custom_reward_fn(config) is None:
         raise ValueError("reward.custom_reward_function.path is not set")

@@ -1,0 +1,145 @@
+"""``sap train-ppo`` against VeRL itself: the parquet through ``RLHFDataset``, ``--dry-run``
+through VeRL's Hydra config and ``validate_config`` (PPO, GRPO, LoRA), and the clear stop of a
+real launch on a machine without a CUDA GPU."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sap.rules.prompts import build_prompt
+from sap.stages import train_ppo as stage
+
+from .conftest import QUESTIONS, small_config, write_questions
+
+pytestmark = [pytest.mark.rl_env]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sap_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sap", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_parquet_loads_with_verl_rlhf_dataset(tmp_path: Path, tiny_model: Path):
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from sap.rl.compose import compose
+
+    cfg = small_config(tmp_path, tiny_model, "http://127.0.0.1:9")
+    counts = stage.build_dataset(cfg, tmp_path / "data")
+    assert counts == {"train": len(QUESTIONS), "val": len(QUESTIONS)}
+    config = compose(stage.plan(cfg, "base").overrides)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = RLHFDataset(data_files=[str(tmp_path / "data" / "train.parquet")], tokenizer=tok, config=config.data, processor=None)
+    assert len(ds) == len(QUESTIONS)
+    item = ds[0]
+    question = QUESTIONS[0]["question"]
+    assert list(item["raw_prompt"]) == [{"role": "user", "content": build_prompt(question)}]
+    assert item["agent_name"] == "sap_search"
+    assert list(item["reward_model"]["ground_truth"]["target"]) == QUESTIONS[0]["answer"]
+    assert item["data_source"] == "nq" and item["extra_info"]["index"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "sets", "expect"),
+    [
+        ("ppo", [], {"adv": "gae", "critic": True, "lora": 0, "n": 1, "kl_loss": False, "kl_reward": True}),
+        ("grpo", ["ppo.algorithm=grpo"], {"adv": "grpo", "critic": False, "lora": 0, "n": 5, "kl_loss": True, "kl_reward": False}),
+        ("lora", ["ppo.lora_rank=16", "ppo.lora_alpha=32"], {"adv": "gae", "critic": True, "lora": 16, "n": 1, "kl_loss": False, "kl_reward": True}),
+    ],
+)
+def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path, name: str, sets: list[str], expect: dict):
+    questions = write_questions(tmp_path / "q.jsonl")
+    args = [
+        f"run_root={tmp_path / 'runs'}",
+        f"experiment={name}",
+        f"model.path={tiny_model}",
+        "retriever.url=http://127.0.0.1:9",  # nothing listens: --dry-run only warns
+        f"ppo.train_data={questions}",
+        f"ppo.val_data={questions}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=2",
+        "ppo.nnodes=2",
+        "ppo.max_prompt_length=512",
+        "tracking.backend=tensorboard",
+        f"environments.rl_python={sys.executable}",
+        *sets,
+    ]
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in args for a in ("--set", s)])
+    assert done.returncode == 0, done.stderr
+    assert "warning" in done.stderr and "/health" in done.stderr
+    ppo = tmp_path / "runs" / name / "ppo"
+    command = (ppo / "command.txt").read_text().strip()
+    assert command in done.stdout
+    argv = shlex.split(command)
+    assert argv[0] == "TENSORBOARD_DIR=" + str((ppo / "tensorboard").resolve())
+    assert argv[1:4] == [sys.executable, "-m", "verl.trainer.main_ppo"]
+    resolved = yaml.safe_load((ppo / "verl_config.yaml").read_text())
+    assert resolved["algorithm"]["adv_estimator"] == expect["adv"]
+    assert resolved["critic"]["enable"] is expect["critic"]
+    assert resolved["actor_rollout_ref"]["model"]["lora_rank"] == expect["lora"]
+    assert resolved["actor_rollout_ref"]["rollout"]["n"] == expect["n"]
+    assert resolved["actor_rollout_ref"]["actor"]["use_kl_loss"] is expect["kl_loss"]
+    assert resolved["algorithm"]["use_kl_in_reward"] is expect["kl_reward"]
+    assert resolved["trainer"]["n_gpus_per_node"] == 2 and resolved["trainer"]["nnodes"] == 2
+    assert resolved["trainer"]["logger"] == ["console", "tensorboard"]
+    assert resolved["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "sap_search"
+    assert resolved["data"]["max_response_length"] == 3 * 500 + 2 * 500
+    assert resolved["reward"]["custom_reward_function"]["path"] == "pkg://sap.rl.reward"
+    agent_loops = yaml.safe_load((ppo / "agent_loop.yaml").read_text())
+    assert agent_loops[0]["max_turns"] == 2 and agent_loops[0]["retriever"]["url"] == "http://127.0.0.1:9"
+    assert (ppo / "data" / "train.parquet").is_file() and (tmp_path / "runs" / name / "manifest.json").is_file()
+
+
+def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):
+    questions = write_questions(tmp_path / "q.jsonl")
+    sets = [
+        f"run_root={tmp_path / 'runs'}",
+        f"model.path={tiny_model}",
+        f"ppo.train_data={questions}",
+        f"ppo.val_data={questions}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=3",  # 4 prompts cannot be split over 3 GPUs
+        f"environments.rl_python={sys.executable}",
+    ]
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2
+    assert "VeRL rejected the configuration" in done.stderr and "divisible" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_real_launch_without_cuda_stops_clearly(tmp_path: Path, tiny_model: Path, core_retriever_url: str):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.fail("this check is for CPU machines; on a GPU node run scripts/train_ppo.sh instead")
+    cfg = small_config(tmp_path, tiny_model, core_retriever_url)
+    sets = [
+        f"run_root={cfg.run_root}",
+        f"model.path={tiny_model}",
+        f"retriever.url={core_retriever_url}",
+        f"ppo.train_data={cfg.ppo.train_data}",
+        f"ppo.val_data={cfg.ppo.val_data}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=1",
+        f"environments.rl_python={sys.executable}",
+    ]
+    done = sap_cli("train-ppo", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no CUDA GPU" in done.stderr and "cannot run on CPU" in done.stderr
+    assert not (Path(cfg.run_root) / "rl-test" / "ppo" / "train.log").exists()

@@ -1,0 +1,137 @@
+"""``sap train-ppo`` pieces that need no VeRL: question files, the VeRL parquet layout, Hydra
+overrides, checkpoints, and the CLI's errors. (VeRL's own checks: tests/rl/.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from sap.cli import app
+from sap.rules.config import load_config
+from sap.stages import train_ppo as stage
+
+
+def overrides_dict(cfg) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in stage.hydra_overrides(cfg, "models/x", Path("runs/x/ppo")))
+
+
+def test_load_questions_jsonl_and_parquet(shared_data: Path):
+    qs = stage.load_questions(shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl", limit=5)
+    assert len(qs) == 5 and all(q.question and q.golden_answers for q in qs)
+    qs = stage.load_questions(shared_data / "nq" / "searchr1_nq_search_test.parquet", limit=3)
+    assert [q.id for q in qs] == ["test_0", "test_1", "test_2"]
+    assert qs[0].golden_answers == ["Wilhelm Conrad Röntgen"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ('{"answer": ["x"]}', r"bad\.jsonl:2: missing field 'question'"),
+        ('{"question": "q"}', r"bad\.jsonl:2: missing field 'answer'"),
+        ('{"question": "q", "answer": []}', r"bad\.jsonl:2: .*non-empty list"),
+    ],
+)
+def test_load_questions_names_file_and_line(tmp_path: Path, line: str, message: str):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok", "answer": ["a"]}\n' + line + "\n")
+    with pytest.raises(stage.PPOStageError, match=message):
+        stage.load_questions(bad)
+    with pytest.raises(stage.PPOStageError, match="not found"):
+        stage.load_questions(tmp_path / "missing.jsonl")
+
+
+def test_records_match_searchr1_parquet_layout(shared_data: Path):
+    ref = pd.read_parquet(shared_data / "nq" / "searchr1_nq_search_test.parquet").head(20)
+    qs = [stage.Question(r.id, r.question, list(r.golden_answers)) for r in ref.itertuples()]
+    records = stage.verl_records(qs, "test", "searchr1")
+    for rec, (_, row) in zip(records, ref.iterrows(), strict=True):
+        assert rec["prompt"] == [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+        assert rec["question"] == row["question"]
+        assert rec["reward_model"]["ground_truth"]["target"] == list(row["reward_model"]["ground_truth"]["target"])
+        assert rec["data_source"] == row["data_source"] and rec["ability"] == row["ability"]
+        assert rec["agent_name"] == "sap_search"
+    assert set(ref.columns) <= set(records[0])
+
+
+def test_build_dataset_writes_parquet(tmp_path: Path, shared_data: Path):
+    nq = shared_data / "nq"
+    cfg = load_config(None, [f"ppo.train_data={nq / 'NQ-open.efficientqa.dev.1.1.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.val_limit=10"])
+    assert stage.build_dataset(cfg, tmp_path) == {"train": 1800, "val": 10}
+    df = pd.read_parquet(tmp_path / "train.parquet")
+    assert len(df) == 1800 and df.iloc[0]["prompt"][0]["role"] == "user"
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically
+    cfg = load_config(None, [f"ppo.train_data={nq / 'NQ-open.dev.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.train_limit=8"])
+    with pytest.raises(stage.PPOStageError, match="fewer than ppo.train_batch_size=32"):
+        stage.build_dataset(cfg, tmp_path)
+
+
+def test_hydra_values_are_quoted_when_needed():
+    assert stage.hydra_value(True) == "true" and stage.hydra_value(None) == "null"
+    assert stage.hydra_value(1e-6) == "1e-06" and stage.hydra_value(32) == "32"
+    assert stage.hydra_value("/a/b_c.parquet") == "/a/b_c.parquet"
+    assert stage.hydra_value("pkg://sap.rl.reward") == "'pkg://sap.rl.reward'"
+    assert stage.hydra_value("it's") == "'it\\'s'"
+    assert stage.hydra_value(["console", "wandb"]) == "[console,wandb]"
+    assert stage.hydra_value("true") == "'true'"
+
+
+def test_overrides_follow_the_experiment_config():
+    o = overrides_dict(load_config(None))  # the paper's table 1
+    assert o["algorithm.adv_estimator"] == "gae" and o["critic.enable"] == "true"
+    assert o["actor_rollout_ref.actor.optim.lr"] == "1e-06" and o["critic.optim.lr"] == "1e-05"
+    assert o["algorithm.kl_ctrl.kl_coef"] == "0.001" and o["algorithm.use_kl_in_reward"] == "true"
+    assert o["data.train_batch_size"] == "32" and o["actor_rollout_ref.actor.ppo_mini_batch_size"] == "32"
+    assert o["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"] == "8" and o["trainer.total_training_steps"] == "600"
+    assert o["data.max_prompt_length"] == "4096" and o["data.max_response_length"] == str(3 * 500 + 2 * 500)
+    assert o["actor_rollout_ref.model.lora_rank"] == "0" and "actor_rollout_ref.model.lora_alpha" not in o
+    assert o["trainer.logger"] == "[console]" and o["actor_rollout_ref.rollout.n"] == "1"
+
+    o = overrides_dict(load_config(None, ["ppo.algorithm=grpo", "ppo.lora_rank=32", "tracking.backend=wandb", "ppo.nnodes=2"]))
+    assert o["algorithm.adv_estimator"] == "grpo" and o["critic.enable"] == "false" and "critic.optim.lr" not in o
+    assert o["actor_rollout_ref.actor.use_kl_loss"] == "true" and o["algorithm.use_kl_in_reward"] == "false"
+    assert o["actor_rollout_ref.rollout.n"] == "5" and o["actor_rollout_ref.model.lora_rank"] == "32"
+    assert o["trainer.logger"] == "[console,wandb]" and o["trainer.nnodes"] == "2"
+
+    cfg = load_config(None, ["ppo.verl={trainer.save_freq: 7, +actor_rollout_ref.rollout.max_num_seqs: 64}", "ppo.reward=em_format"])
+    o = overrides_dict(cfg)
+    assert o["trainer.save_freq"] == "7" and o["+actor_rollout_ref.rollout.max_num_seqs"] == "64"  # pass-through wins
+    assert o["+reward.custom_reward_function.reward_kwargs.reward"] == "em_format"
+
+
+def test_init_model_and_tracking_env(tmp_path: Path):
+    cfg = load_config(None, ["experiment=e", f"run_root={tmp_path}", "tracking.backend=tensorboard"])
+    assert stage.resolve_model(cfg, "sft") == str(tmp_path / "e" / "sft" / "merged")
+    assert stage.resolve_model(cfg, "base") == "Qwen/Qwen2.5-3B-Instruct"
+    p = stage.plan(cfg, "base")
+    assert p.env == {"TENSORBOARD_DIR": str((tmp_path / "e" / "ppo" / "tensorboard").resolve())}
+    assert p.command("py")[:3] == ["py", "-m", "verl.trainer.main_ppo"]
+
+
+def test_last_checkpoint(tmp_path: Path):
+    assert stage.last_checkpoint(tmp_path) is None
+    for n in (5, 10, 40):
+        (tmp_path / f"global_step_{n}" / "actor").mkdir(parents=True)
+    assert stage.last_checkpoint(tmp_path) == tmp_path / "global_step_40"
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10\n")
+    assert stage.last_checkpoint(tmp_path) == tmp_path / "global_step_10"
+    cmd = stage.merge_command("py", tmp_path / "global_step_10", tmp_path / "merged")
+    assert cmd[1:5] == ["-m", "verl.model_merger", "merge", "--backend"] and str(tmp_path / "global_step_10" / "actor") in cmd
+
+
+def test_cli_errors_are_clear(tmp_path: Path, shared_data: Path):
+    runner = CliRunner()
+    nq = shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl"
+    base = ["--set", f"run_root={tmp_path}", "--set", f"ppo.train_data={nq}", "--set", f"ppo.val_data={nq}", "--set", "retriever.url=http://127.0.0.1:9"]
+    r = runner.invoke(app, ["train-ppo", "--dry-run", "--init", "base", *base, "--set", "environments.rl_python=nowhere/python"])
+    assert r.exit_code == 2 and "make setup-rl" in r.output
+    r = runner.invoke(app, ["train-ppo", "--init", "sft", *base])  # no retriever: a real run refuses
+    assert r.exit_code == 2 and "/health" in r.output
+    r = runner.invoke(app, ["train-ppo", "--init", "best", *base])
+    assert r.exit_code == 2 and "--init 'best'" in r.output
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["commands"][-1]["stage"] == "train-ppo"
