@@ -9,13 +9,17 @@ import pytest
 from sap.rl.reward import compute_score, gold_answers, trajectory_format
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
 
-INFO_PARIS = information_block("Doc 1(Title: \"France\") Paris is the capital of France.\n")
-INFO_OTHER = information_block("Doc 1(Title: \"Lyon\") Lyon is a city.\n")
+INFO_PARIS = information_block('Doc 1(Title: "France") Paris is the capital of France.\n')
+INFO_OTHER = information_block('Doc 1(Title: "Lyon") Lyon is a city.\n')
 GOLD = {"target": np.array(["Paris"], dtype=object)}  # as VeRL hands it over from the parquet
 
-GOOD = "<think> I should look it up. </think> <search> capital of france </search>" + INFO_PARIS + "<think> Doc 1 says Paris. </think> <answer> Paris </answer>"
+GOOD = (
+    "<think> I should look it up. </think> <search> capital of france </search>"
+    + INFO_PARIS
+    + "<think> Doc 1 says Paris. </think> <answer> Paris </answer>"
+)
 WRONG_HIT = GOOD.replace("<answer> Paris </answer>", "<answer> Lyon </answer>")
-WRONG_MISS = ("<think> x </think> <search> capital of france </search>" + INFO_OTHER + "<answer> Lyon </answer>")
+WRONG_MISS = "<think> x </think> <search> capital of france </search>" + INFO_OTHER + "<answer> Lyon </answer>"
 NO_ANSWER = "<think> I should look it up. </think> <search> capital of france </search>" + INFO_PARIS
 TWO_ANSWERS = "<answer> Rome </answer> <answer> the Paris </answer>"
 

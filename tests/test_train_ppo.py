@@ -60,13 +60,15 @@ def test_records_match_searchr1_parquet_layout(shared_data: Path):
 
 def test_build_dataset_writes_parquet(tmp_path: Path, shared_data: Path):
     nq = shared_data / "nq"
-    cfg = load_config(None, [f"ppo.train_data={nq / 'NQ-open.efficientqa.dev.1.1.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.val_limit=10"])
+    cfg = load_config(
+        None, [f"ppo.train_data={nq / 'NQ-open.efficientqa.dev.1.1.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.val_limit=10"]
+    )
     assert stage.build_dataset(cfg, tmp_path) == {"train": 1800, "val": 10}
     df = pd.read_parquet(tmp_path / "train.parquet")
     assert len(df) == 1800 and df.iloc[0]["prompt"][0]["role"] == "user"
     assert not list(tmp_path.glob(".*tmp"))  # written atomically
     cfg = load_config(None, [f"ppo.train_data={nq / 'NQ-open.dev.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.train_limit=8"])
-    with pytest.raises(stage.PPOStageError, match="fewer than ppo.train_batch_size=32"):
+    with pytest.raises(stage.PPOStageError, match=r"fewer than ppo\.train_batch_size=32"):
         stage.build_dataset(cfg, tmp_path)
 
 
@@ -126,7 +128,16 @@ def test_last_checkpoint(tmp_path: Path):
 def test_cli_errors_are_clear(tmp_path: Path, shared_data: Path):
     runner = CliRunner()
     nq = shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl"
-    base = ["--set", f"run_root={tmp_path}", "--set", f"ppo.train_data={nq}", "--set", f"ppo.val_data={nq}", "--set", "retriever.url=http://127.0.0.1:9"]
+    base = [
+        "--set",
+        f"run_root={tmp_path}",
+        "--set",
+        f"ppo.train_data={nq}",
+        "--set",
+        f"ppo.val_data={nq}",
+        "--set",
+        "retriever.url=http://127.0.0.1:9",
+    ]
     r = runner.invoke(app, ["train-ppo", "--dry-run", "--init", "base", *base, "--set", "environments.rl_python=nowhere/python"])
     assert r.exit_code == 2 and "make setup-rl" in r.output
     r = runner.invoke(app, ["train-ppo", "--init", "sft", *base])  # no retriever: a real run refuses

@@ -315,11 +315,15 @@ def retriever_serve(
 def train_ppo_cmd(
     init: Annotated[
         str | None,
-        typer.Option("--init", help="Start from the merged SFT model (sft: runs/<experiment>/sft/merged) or the base model (base: model.path)."),
+        typer.Option(
+            "--init", help="Start from the merged SFT model (sft: runs/<experiment>/sft/merged) or the base model (base: model.path)."
+        ),
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Write data and configs, validate them with VeRL, print the command; needs no GPU and no retriever."),
+        typer.Option(
+            "--dry-run", help="Write data and configs, validate them with VeRL, print the command; needs no GPU and no retriever."
+        ),
     ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -376,8 +380,10 @@ def train_ppo_cmd(
             typer.echo(command_text)
             return
         if not stage.cuda_available(python):
-            fail("no CUDA GPU in the RL environment: VeRL's PPO trainer (FSDP + vLLM) cannot run on CPU. "
-                 "Run this on a GPU node (`make setup-gpu`, scripts/train_ppo.sh), or use --dry-run here.")
+            fail(
+                "no CUDA GPU in the RL environment: VeRL's PPO trainer (FSDP + vLLM) cannot run on CPU. "
+                "Run this on a GPU node (`make setup-gpu`, scripts/train_ppo.sh), or use --dry-run here."
+            )
         rc = stage.launch(python, the_plan, ppo_dir / "train.log")
         if rc != 0:
             fail(f"VeRL training failed (exit {rc}); see {ppo_dir / 'train.log'}", code=1)

@@ -63,7 +63,7 @@ class HFGenerationServer:
                 i = self._turn[request_id]
                 self._turn[request_id] += 1
                 if i < len(turns):
-                    return self.tokenizer.encode(turns[i], add_special_tokens=False) + [self.tokenizer.eos_token_id]
+                    return [*self.tokenizer.encode(turns[i], add_special_tokens=False), self.tokenizer.eos_token_id]
         return None
 
     def _generate(self, request_id: str, prompt_ids: list[int], params: dict[str, Any]) -> TokenOutput:

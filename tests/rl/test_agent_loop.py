@@ -54,7 +54,9 @@ def rollouts(cfg, server: HFGenerationServer):
     stage.write_agent_loop_config(cfg, ppo_dir / "agent_loop.yaml")
     config = compose(stage.plan(cfg, "base").overrides)
     worker = AgentLoopWorker(config, server)
-    dataset = RLHFDataset(data_files=[str(ppo_dir / "data" / "train.parquet")], tokenizer=worker.tokenizer, config=config.data, processor=None)
+    dataset = RLHFDataset(
+        data_files=[str(ppo_dir / "data" / "train.parquet")], tokenizer=worker.tokenizer, config=config.data, processor=None
+    )
     batch = DataProto.from_single_dict(collate_fn([dataset[i] for i in range(len(dataset))]))
     out = asyncio.run(worker.generate_sequences(batch))
 
@@ -148,7 +150,13 @@ def test_search_then_answer_token_by_token(tmp_path: Path, tiny_model: Path, cor
     second = tok.decode(s.response_ids[b0:b1])
     assert second.rstrip().endswith("</answer>") and "nor this" not in second
     f = s.fields
-    assert (f["sap_searches"], f["sap_turns"], f["sap_answered"], f["sap_invalid_actions"], f["sap_retrieval_failures"]) == (1, 2, True, 0, 0)
+    assert (f["sap_searches"], f["sap_turns"], f["sap_answered"], f["sap_invalid_actions"], f["sap_retrieval_failures"]) == (
+        1,
+        2,
+        True,
+        0,
+        0,
+    )
     assert list(f["sap_queries"]) == ["first nobel prize in physics"]
     assert f["global_steps"] == 7 and f["server_turn"] >= 2  # the server's extra fields are carried
     assert s.fields["__num_turns__"] == 1 + 2 + 1
@@ -158,7 +166,12 @@ def test_search_then_answer_token_by_token(tmp_path: Path, tiny_model: Path, cor
 
     reward_fn = get_custom_reward_fn(config)
     extra = {k: v for k, v in f.items() if k.startswith("sap_")}
-    result = reward_fn(data_source="nq", solution_str=tok.decode(s.response_ids, skip_special_tokens=True), ground_truth=f["reward_model"]["ground_truth"], extra_info=extra)
+    result = reward_fn(
+        data_source="nq",
+        solution_str=tok.decode(s.response_ids, skip_special_tokens=True),
+        ground_truth=f["reward_model"]["ground_truth"],
+        extra_info=extra,
+    )
     assert result["score"] == 1.0 and result["valid_format"] == 1.0 and result["searches"] == 1.0
 
 
@@ -203,7 +216,12 @@ def test_final_turn_invalid_action_and_observation_cap(tmp_path: Path, tiny_mode
 
     reward_fn = get_custom_reward_fn(config)  # em_format: right answer, ill-formed trajectory
     extra = {k: v for k, v in s.fields.items() if k.startswith("sap_")}
-    result = reward_fn(data_source="nq", solution_str=tok.decode(s.response_ids, skip_special_tokens=True), ground_truth=s.fields["reward_model"]["ground_truth"], extra_info=extra)
+    result = reward_fn(
+        data_source="nq",
+        solution_str=tok.decode(s.response_ids, skip_special_tokens=True),
+        ground_truth=s.fields["reward_model"]["ground_truth"],
+        extra_info=extra,
+    )
     assert result["em"] == 1.0 and result["valid_format"] == 0.0 and result["score"] == pytest.approx(0.8)
 
     # unscripted (random) trajectories hit the per-turn cap and the total budget
@@ -229,5 +247,7 @@ def test_retrieval_failure_is_counted(tmp_path: Path, tiny_model: Path):
     from sap.rl.reward import compute_score
 
     extra = {k: v for k, v in s.fields.items() if k.startswith("sap_")}
-    result = compute_score("nq", server.tokenizer.decode(s.response_ids, skip_special_tokens=True), s.fields["reward_model"]["ground_truth"], extra)
+    result = compute_score(
+        "nq", server.tokenizer.decode(s.response_ids, skip_special_tokens=True), s.fields["reward_model"]["ground_truth"], extra
+    )
     assert result["retrieval_failures"] == 1.0 and result["em"] == 1.0

@@ -53,7 +53,11 @@ def test_parquet_loads_with_verl_rlhf_dataset(tmp_path: Path, tiny_model: Path):
     [
         ("ppo", [], {"adv": "gae", "critic": True, "lora": 0, "n": 1, "kl_loss": False, "kl_reward": True}),
         ("grpo", ["ppo.algorithm=grpo"], {"adv": "grpo", "critic": False, "lora": 0, "n": 5, "kl_loss": True, "kl_reward": False}),
-        ("lora", ["ppo.lora_rank=16", "ppo.lora_alpha=32"], {"adv": "gae", "critic": True, "lora": 16, "n": 1, "kl_loss": False, "kl_reward": True}),
+        (
+            "lora",
+            ["ppo.lora_rank=16", "ppo.lora_alpha=32"],
+            {"adv": "gae", "critic": True, "lora": 16, "n": 1, "kl_loss": False, "kl_reward": True},
+        ),
     ],
 )
 def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path, name: str, sets: list[str], expect: dict):

@@ -161,7 +161,9 @@ class SearchAgentLoop(AgentLoopBase):
                 "max_tokens": min(self.max_turn_tokens, room),
             }
             with simple_timer("generate_sequences", timing):
-                out = await self.server_manager.generate(request_id=request_id, prompt_ids=prompt_ids + response_ids, sampling_params=params)
+                out = await self.server_manager.generate(
+                    request_id=request_id, prompt_ids=prompt_ids + response_ids, sampling_params=params
+                )
             merge_extra_fields(extra_fields, dict(out.extra_fields or {}))
             num_preempted += max(0, out.num_preempted or 0)
             generated = list(out.token_ids)[: params["max_tokens"]]

@@ -21,11 +21,10 @@ from pathlib import Path
 
 def compose(overrides: list[str]):
     """The VeRL PPO config composed from VeRL's Hydra files and ``overrides``."""
+    import verl.trainer.main_ppo as main_ppo
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    import verl.trainer.main_ppo as main_ppo
 
     config_dir = str(Path(main_ppo.__file__).parent / "config")
     GlobalHydra.instance().clear()
@@ -53,7 +52,6 @@ def validate(config) -> list[str]:
     """VeRL's own checks plus sap's load checks; returns notes about what was checked."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
-
     from verl.trainer.ppo.reward import get_custom_reward_fn
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config

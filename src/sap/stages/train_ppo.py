@@ -142,7 +142,9 @@ def build_dataset(cfg: ExperimentConfig, out_dir: Path) -> dict[str, int]:
         write_parquet(verl_records(questions, split, cfg.prompt_template), out_dir / f"{split}.parquet")
         counts[split] = len(questions)
     if counts["train"] < cfg.ppo.train_batch_size:
-        raise PPOStageError(f"{cfg.ppo.train_data}: {counts['train']} training questions, fewer than ppo.train_batch_size={cfg.ppo.train_batch_size}")
+        raise PPOStageError(
+            f"{cfg.ppo.train_data}: {counts['train']} training questions, fewer than ppo.train_batch_size={cfg.ppo.train_batch_size}"
+        )
     return counts
 
 
@@ -359,7 +361,10 @@ def compose_and_validate(python: str, overrides: list[str], resolved_out: Path, 
 
 def cuda_available(python: str) -> bool:
     proc = subprocess.run(
-        [python, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"], capture_output=True, timeout=300, env=_subprocess_env()
+        [python, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"],
+        capture_output=True,
+        timeout=300,
+        env=_subprocess_env(),
     )
     return proc.returncode == 0
 
@@ -392,7 +397,18 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def merge_command(python: str, checkpoint: Path, target: Path) -> list[str]:
-    return [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(checkpoint / "actor"), "--target_dir", str(target)]
+    return [
+        python,
+        "-m",
+        "verl.model_merger",
+        "merge",
+        "--backend",
+        "fsdp",
+        "--local_dir",
+        str(checkpoint / "actor"),
+        "--target_dir",
+        str(target),
+    ]
 
 
 def merge_last_checkpoint(python: str, the_plan: PPOPlan, log_path: Path) -> Path:
