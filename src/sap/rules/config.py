@@ -179,7 +179,8 @@ class PPOConfig(_Section):
     val_data: str = "data/nq/test.jsonl"
     train_limit: int | None = Field(None, ge=1)
     val_limit: int | None = Field(256, ge=1)
-    rollout_engine: Literal["vllm", "sglang"] = "vllm"
+    rollout_engine: Literal["vllm"] = "vllm"
+    """VeRL's rollout server (the agent loop's stop-string parameters are vLLM's)."""
     gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     agent_workers: int = Field(8, ge=1)
