@@ -56,16 +56,16 @@ setup-gpu:
 	@touch $(RL_VENV)/.installed
 
 # Two runs: the core environment (everything not marked rl_env), then the RL environment
-# (tests marked rl_env: VeRL's agent loop, dataset and config validation).
+# (tests/rl, marked rl_env: VeRL's agent loop, dataset and config validation).
 test: install setup-rl
 	$(BIN)/python -m pytest -m "not rl_env" $(PYTEST_ARGS)
-	$(RL_BIN)/python -m pytest -m rl_env $(PYTEST_ARGS)
+	$(RL_BIN)/python -m pytest -m rl_env tests/rl $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not rl_env" $(PYTEST_ARGS)
 
 test-rl: install setup-rl
-	$(RL_BIN)/python -m pytest -m rl_env $(PYTEST_ARGS)
+	$(RL_BIN)/python -m pytest -m rl_env tests/rl $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks retriever
