@@ -92,6 +92,7 @@ def test_overrides_follow_the_experiment_config():
     assert o["data.max_prompt_length"] == "4096" and o["data.max_response_length"] == str(3 * 500 + 2 * 500)
     assert o["actor_rollout_ref.model.lora_rank"] == "0" and "actor_rollout_ref.model.lora_alpha" not in o
     assert o["trainer.logger"] == "[console]" and o["actor_rollout_ref.rollout.n"] == "1"
+    assert o["trainer.rollout_data_dir"].endswith("ppo/rollouts") and o["trainer.validation_data_dir"].endswith("ppo/validation")
 
     o = overrides_dict(load_config(None, ["ppo.algorithm=grpo", "ppo.lora_rank=32", "tracking.backend=wandb", "ppo.nnodes=2"]))
     assert o["algorithm.adv_estimator"] == "grpo" and o["critic.enable"] == "false" and "critic.optim.lr" not in o

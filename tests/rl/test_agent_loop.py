@@ -122,6 +122,15 @@ def check_invariants(s: Sample, tokenizer, cfg) -> None:
     assert s.fields["sap_turns"] == len(s.calls)
 
 
+def test_server_extra_fields_merge_across_turns():
+    from sap.rl.agent_loop import merge_extra_fields
+
+    fields: dict = {}
+    merge_extra_fields(fields, {"global_steps": 3, "min_global_steps": 3, "max_global_steps": 3})
+    merge_extra_fields(fields, {"global_steps": 4, "min_global_steps": 4, "max_global_steps": 4, "num_cached_tokens": 9})
+    assert fields == {"global_steps": 4, "min_global_steps": 3, "max_global_steps": 4, "num_cached_tokens": 9}
+
+
 def test_search_then_answer_token_by_token(tmp_path: Path, tiny_model: Path, core_retriever_url: str):
     cfg = small_config(
         tmp_path, tiny_model, core_retriever_url, "ppo.max_response_length=64", "ppo.max_obs_length=3000", "ppo.response_budget=3300"

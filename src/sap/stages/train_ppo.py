@@ -283,6 +283,9 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
         "trainer.save_freq": p.save_freq,
         "trainer.test_freq": p.test_freq,
         "trainer.default_local_dir": _abs(ppo_dir / "checkpoints"),
+        # per-sample logs: every rollout and validation trajectory with its reward metrics (JSONL per step)
+        "trainer.rollout_data_dir": _abs(ppo_dir / "rollouts"),
+        "trainer.validation_data_dir": _abs(ppo_dir / "validation"),
         "trainer.resume_mode": "auto",
         "hydra.run.dir": _abs(ppo_dir / "hydra"),
     }
