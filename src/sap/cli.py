@@ -393,6 +393,81 @@ def train_ppo_cmd(
         fail(str(e))
 
 
+# --- sap eval / sap report -----------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    group: Annotated[
+        list[str], typer.Option("--group", "-g", help="Group from eval.groups (baseline, sft, rl, sft_rl, ...) or 'all'; repeatable.")
+    ],
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions of the dataset.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: eval.seed).")] = None,
+    engine: Annotated[str | None, typer.Option(help="Generation engine: vllm or hf (default: eval.engine).")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="JSONL (question + answer/golden_answers) or Search-R1 parquet.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard this group's earlier predictions instead of resuming.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate groups with the multi-turn search agent: runs/<exp>/eval/<group>/{predictions.jsonl,metrics.json}.
+
+    Needs the retriever (retriever.url) running. Interrupted runs resume where they stopped.
+
+    Example:
+
+        sap eval --config configs/paper/nq_qwen2.5-3b.yaml --group all
+    """
+    from sap.agent.retrieval import RetrievalError
+    from sap.rules.rundir import record_run
+    from sap.stages.evaluate import EvalError, evaluate_group, resolve_groups
+    from sap.tracking import log_metrics
+
+    overrides = list(set_ or [])
+    for key, value in (("eval.limit", limit), ("eval.seed", seed), ("eval.engine", engine), ("eval.dataset", dataset)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = resolve_config(config, overrides)
+    try:
+        groups = resolve_groups(cfg, group)
+    except EvalError as e:
+        fail(str(e))
+    record_run(cfg, "eval")
+    for name in groups:
+        try:
+            metrics = evaluate_group(cfg, name, restart=restart, progress=sys.stderr.isatty())
+        except (EvalError, RetrievalError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail(f"interrupted: finished questions are kept in {cfg.run_dir / 'eval' / name}; rerun the same command to resume", code=130)
+        log_metrics(cfg, f"eval/{name}", metrics)
+        typer.echo(
+            f"{name}: n={metrics['n']} EM={metrics['em']:.4f} ROUGE-L={metrics['rouge_l']:.4f} "
+            f"valid={metrics['valid_format_rate']:.3f} searches/q={metrics['mean_searches']:.2f} "
+            f"q/s={metrics['questions_per_second']:.2f} -> {cfg.run_dir / 'eval' / name}"
+        )
+        if metrics["retrieval_failures"]:
+            typer.secho(
+                f"warning: {metrics['retrieval_failures']} search(es) failed and got empty results", fg=typer.colors.YELLOW, err=True
+            )
+
+
+@app.command("report")
+def report_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Markdown table (the paper's layout + extra columns) and bar chart of every evaluated group.
+
+    Writes runs/<exp>/report.md and runs/<exp>/report.png.
+    """
+    from sap.stages.report import ReportError, write_report
+
+    cfg = resolve_config(config, set_)
+    try:
+        md, png = write_report(cfg.run_dir, cfg.experiment)
+    except ReportError as e:
+        fail(str(e))
+    typer.echo(md.read_text(encoding="utf-8"))
+    typer.echo(f"wrote {md} and {png}")
+
+
 def main() -> None:
     app()
 

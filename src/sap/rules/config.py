@@ -229,6 +229,23 @@ class EvalConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     groups: dict[str, EvalGroup] = Field(default_factory=_default_groups)
+    max_in_flight: int = Field(64, ge=1)
+    """Questions generating at once (the engine's batch; 1 = the paper script's one at a time)."""
+    max_model_len: int = Field(8192, ge=16)
+    """Context limit (prompt + turns + observations); the model's own limit applies if lower."""
+    use_stop_strings: bool = True
+    """Stop each turn at ``</search>``/``</answer>`` (False: generate to the cap, as Search-R1 does)."""
+    min_turn_tokens: int = Field(16, ge=1)
+    """Room for new tokens an observation must leave; longer observations are cut."""
+    dtype: str = "auto"
+    """Model weights dtype (auto, bfloat16, float16, float32)."""
+    enforce_eager: bool = False
+    """vLLM: no CUDA graphs (set true on CPU)."""
+    vllm: dict[str, Any] = {}
+    """Further ``vllm.LLM`` keyword arguments, passed through."""
+    question_field: str = "question"
+    answer_fields: list[str] = ["golden_answers", "answer", "answers"]
+    """Dataset keys tried, in order, for the gold answers."""
 
 
 class EnvironmentsConfig(_Section):

@@ -1,0 +1,303 @@
+"""``sap eval``: run one evaluation group (a model) through the search agent on a dataset.
+
+Writes ``runs/<exp>/eval/<group>/``:
+
+- ``predictions.jsonl``: one line per question, appended (and fsynced) as each finishes;
+- ``metrics.json``: n, em, subem, f1, rouge_l, valid_format_rate, mean_searches, mean_turns,
+  tokens_per_question, questions_per_second, and more;
+- ``settings.json``: what the predictions depend on (model, dataset, decoding, agent).
+
+Re-running resumes: questions already in ``predictions.jsonl`` are skipped, so a crash or
+Ctrl-C loses at most the questions in flight and none is duplicated. Resuming with different
+settings is refused (``restart=True`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sap.agent.engines.base import Engine
+from sap.agent.loop import AgentSettings, Episode, Question, SearchAgent
+from sap.agent.retrieval import RetrieverClient
+from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
+from sap.rules.config import EvalConfig, ExperimentConfig
+from sap.rules.scoring import METRICS, aggregate, score
+
+PREDICTIONS = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+SETTINGS_FILE = "settings.json"
+
+
+class EvalError(ValueError):
+    """Bad dataset, group or run state; the message names the file/field."""
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+def _answers(value: Any, where: str, key: str) -> list[str]:
+    if hasattr(value, "tolist"):  # numpy arrays from parquet
+        value = value.tolist()
+    if isinstance(value, dict) and "target" in value:
+        value = value["target"]
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise EvalError(f"{where}: field {key!r} must be a string or a non-empty list of strings, got {str(value)[:80]!r}")
+
+
+def _question(record: Any, where: str, index: int, question_field: str, answer_fields: Sequence[str]) -> Question:
+    if not isinstance(record, dict):
+        raise EvalError(f"{where}: record is not an object")
+    q = record.get(question_field)
+    if not isinstance(q, str) or not q.strip():
+        raise EvalError(f"{where}: missing or empty field {question_field!r}")
+    for key in answer_fields:
+        if key in record and record[key] is not None:
+            gold = _answers(record[key], where, key)
+            break
+    else:
+        raise EvalError(f"{where}: no gold answers (expected one of {', '.join(answer_fields)})")
+    meta = {}
+    for key in ("id", "idx"):
+        if key in record and record[key] is not None:
+            meta["source_id"] = str(record[key])
+            break
+    return Question(id=str(index), question=q, golden_answers=gold, meta=meta)
+
+
+def load_questions(
+    path: str | Path,
+    limit: int | None = None,
+    question_field: str = "question",
+    answer_fields: Sequence[str] = ("golden_answers", "answer", "answers"),
+) -> list[Question]:
+    """Questions of a JSONL (``question`` + ``answer``/``golden_answers``) or a Search-R1
+    parquet; the first ``limit`` of them. A question's id is its 0-based position."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: dataset not found")
+    out: list[Question] = []
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+        if question_field not in df.columns:
+            raise EvalError(f"{path}: no column {question_field!r} (columns: {', '.join(df.columns)})")
+        for i, rec in enumerate(df.to_dict("records")):
+            if limit is not None and i >= limit:
+                break
+            out.append(_question(rec, f"{path}: row {i}", i, question_field, answer_fields))
+        return out
+    with path.open(encoding="utf-8") as f:
+        index = 0
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and index >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+            out.append(_question(rec, f"{path}:{lineno}", index, question_field, answer_fields))
+            index += 1
+    if not out:
+        raise EvalError(f"{path}: no questions")
+    return out
+
+
+# --- one group -----------------------------------------------------------------------------
+
+
+def agent_settings(cfg: ExperimentConfig) -> AgentSettings:
+    e = cfg.eval
+    return AgentSettings(
+        max_turns=e.max_turns,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        topk=cfg.retriever.topk,
+        max_in_flight=e.max_in_flight,
+        use_stop_strings=e.use_stop_strings,
+        min_turn_tokens=e.min_turn_tokens,
+        seed=e.seed,
+        prompt_template=cfg.prompt_template,
+    )
+
+
+def group_model(cfg: ExperimentConfig, group: str) -> str:
+    if group not in cfg.eval.groups:
+        raise EvalError(f"unknown eval group {group!r}; configured: {', '.join(cfg.eval.groups) or 'none'}")
+    return cfg.expand(cfg.eval.groups[group].model)
+
+
+def settings_fingerprint(cfg: ExperimentConfig, group: str, engine: str) -> dict[str, Any]:
+    """What predictions depend on; a resumed run must match it (``limit`` may change)."""
+    return {
+        "group": group,
+        "model": group_model(cfg, group),
+        "dataset": cfg.eval.dataset,
+        "engine": engine,
+        "agent": asdict(agent_settings(cfg)) | {"max_in_flight": None},
+        "retriever": {"url": cfg.retriever.url, "topk": cfg.retriever.topk},
+        "max_model_len": cfg.eval.max_model_len,
+    }
+
+
+def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics of predictions records (scores recomputed from prediction and gold)."""
+    n = len(records)
+    out: dict[str, Any] = dict(aggregate(score(r["prediction"], r["golden_answers"]) for r in records))
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in records) / n if n else 0.0
+
+    out.update(
+        valid_format_rate=mean("valid_format"),
+        mean_searches=mean("searches"),
+        mean_turns=mean("turns"),
+        tokens_per_question=mean("tokens_generated"),
+        retrieval_failures=int(sum(r.get("retrieval_failures", 0) for r in records)),
+        answered_rate=sum(1 for r in records if r["prediction"]) / n if n else 0.0,
+        stop_reasons=dict(Counter(r.get("stop_reason") for r in records)),
+    )
+    return out
+
+
+def _check_settings(group_dir: Path, fingerprint: dict[str, Any]) -> None:
+    path = group_dir / SETTINGS_FILE
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return
+    diff = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
+    if diff:
+        raise EvalError(
+            f"{group_dir}: earlier predictions were made with different settings ({', '.join(diff)}); "
+            "rerun with --restart to start this group over, or restore the settings"
+        )
+
+
+def evaluate_group(
+    cfg: ExperimentConfig,
+    group: str,
+    *,
+    engine: Engine | None = None,
+    engine_name: str | None = None,
+    retriever: RetrieverClient | None = None,
+    restart: bool = False,
+    progress: bool = False,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``group`` (resuming), write its files and return its metrics. ``engine``
+    overrides the configured one (tests pass a scripted engine)."""
+    e: EvalConfig = cfg.eval
+    engine_name = engine_name or ("custom" if engine is not None else e.engine)
+    group_dir = cfg.run_dir / "eval" / group
+    model = group_model(cfg, group)
+    fingerprint = settings_fingerprint(cfg, group, engine_name)
+    questions = load_questions(e.dataset, e.limit, e.question_field, e.answer_fields)
+    pred_path = group_dir / PREDICTIONS
+    if restart:
+        for name in (PREDICTIONS, METRICS_FILE, SETTINGS_FILE):
+            (group_dir / name).unlink(missing_ok=True)
+    _check_settings(group_dir, fingerprint)
+    group_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(group_dir / SETTINGS_FILE, fingerprint)
+
+    wanted = {q.id for q in questions}
+    done: dict[str, dict[str, Any]] = {}
+    if pred_path.exists():
+        with JsonlAppender(pred_path):  # cuts a torn last line left by a crash
+            pass
+        for r in read_jsonl(pred_path):
+            done.setdefault(str(r["id"]), r)
+    todo = [q for q in questions if q.id not in done]
+
+    elapsed = 0.0
+    n_new = 0
+    if todo:
+        if engine is None:
+            from sap.agent.engines import build_engine
+
+            engine = build_engine(e.engine, model, e)
+        retriever = retriever or RetrieverClient.from_config(cfg.retriever)
+        agent = SearchAgent(engine, retriever, agent_settings(cfg))
+        bar = _progress(len(questions), len(done), group, progress)
+        em_sum = sum(r.get("em", 0.0) for r in done.values() if r["id"] in wanted)
+        t0 = time.perf_counter()
+        try:
+            with JsonlAppender(pred_path) as out:
+                for ep in agent.run(todo):
+                    rec = ep.record()
+                    rec.update(score(rec["prediction"], rec["golden_answers"]).as_dict())
+                    out.write(rec)
+                    done[rec["id"]] = rec
+                    n_new += 1
+                    em_sum += rec["em"]
+                    if on_episode is not None:
+                        on_episode(ep)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(em=f"{em_sum / max(1, len(done)):.3f}")
+        finally:
+            elapsed = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+
+    records = [done[q.id] for q in questions if q.id in done]
+    metrics = compute_metrics(records)
+    metrics.update(
+        questions_per_second=(n_new / elapsed) if n_new and elapsed > 0 else _previous_qps(group_dir),
+        group=group,
+        model=model,
+        engine=engine_name,
+        dataset=e.dataset,
+        new_this_run=n_new,
+        wall_s_this_run=round(elapsed, 3),
+    )
+    atomic_write_json(group_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _previous_qps(group_dir: Path) -> float:
+    try:
+        return float(json.loads((group_dir / METRICS_FILE).read_text(encoding="utf-8"))["questions_per_second"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def _progress(total: int, initial: int, group: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"eval {group}", unit="q", dynamic_ncols=True)
+
+
+def resolve_groups(cfg: ExperimentConfig, names: Iterable[str]) -> list[str]:
+    """``all`` -> every configured group; unknown names are errors."""
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out.extend(g for g in cfg.eval.groups if g not in out)
+        elif name not in cfg.eval.groups:
+            raise EvalError(f"unknown eval group {name!r}; configured: {', '.join(cfg.eval.groups)} (or 'all')")
+        elif name not in out:
+            out.append(name)
+    return out
+
+
+__all__ = ["METRICS", "EvalError", "compute_metrics", "evaluate_group", "load_questions", "resolve_groups"]

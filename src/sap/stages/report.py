@@ -1,0 +1,133 @@
+"""``sap report``: every evaluated group of an experiment side by side, as the paper's table
+(with the paper's own numbers for reference) plus sap's extra columns, and a bar chart.
+
+Reads ``runs/<exp>/eval/*/metrics.json``; writes ``runs/<exp>/report.md`` and
+``runs/<exp>/report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sap.rules.atomic import atomic_write_text
+
+#: Table 3 of the paper (NQ test, 3,610 questions): group -> (configuration, EM, ROUGE-L).
+PAPER_TABLE: dict[str, tuple[str, float, float]] = {
+    "baseline": ("Baseline (no SFT, no RL)", 0.2374, 0.3179),
+    "sft": ("SFT Only", 0.3654, 0.4515),
+    "rl": ("RL Only", 0.3108, 0.3906),
+    "sft_rl": ("SFT + RL (Ours)", 0.4127, 0.4890),
+}
+PAPER_ORDER = tuple(PAPER_TABLE)
+
+EXTRA_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("subem", "SubEM", "{:.4f}"),
+    ("f1", "F1", "{:.4f}"),
+    ("valid_format_rate", "valid format", "{:.3f}"),
+    ("mean_searches", "searches/q", "{:.2f}"),
+    ("mean_turns", "turns/q", "{:.2f}"),
+    ("tokens_per_question", "tokens/q", "{:.1f}"),
+    ("questions_per_second", "q/s", "{:.2f}"),
+    ("n", "n", "{}"),
+)
+
+
+class ReportError(ValueError):
+    pass
+
+
+def collect(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """group -> metrics, the paper's groups first, then the others by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted((run_dir / "eval").glob("*/metrics.json")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ReportError(f"{path}: unreadable metrics ({e})") from None
+    ordered = [g for g in PAPER_ORDER if g in found] + sorted(g for g in found if g not in PAPER_TABLE)
+    return {g: found[g] for g in ordered}
+
+
+def _row_no(group: str, i: int) -> str:
+    return str(PAPER_ORDER.index(group) + 1) if group in PAPER_TABLE else f"+{i}"
+
+
+def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
+    lines = [f"# Evaluation report: {experiment}", ""]
+    datasets = sorted({str(m.get("dataset", "?")) for m in groups.values()})
+    lines.append(
+        f"Dataset: {', '.join(f'`{d}`' for d in datasets)}. EM and ROUGE-L as in the paper's table 3; the paper's own numbers (NQ test, 3,610 questions) are in the last two columns."
+    )
+    lines.append("")
+    head = ["Group", "Configuration", "EM", "ROUGE-L", *(label for _, label, _ in EXTRA_COLUMNS), "paper EM", "paper ROUGE-L"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    extra_i = 0
+    for g, m in groups.items():
+        if g not in PAPER_TABLE:
+            extra_i += 1
+        config, p_em, p_rl = PAPER_TABLE.get(g, (g, None, None))
+        cells = [_row_no(g, extra_i), f"{config} (`{g}`: `{m.get('model', '?')}`)", f"{m['em']:.4f}", f"{m['rouge_l']:.4f}"]
+        cells += [fmt.format(m[k]) if k in m else "–" for k, _, fmt in EXTRA_COLUMNS]
+        cells += [f"{p_em:.4f}" if p_em is not None else "–", f"{p_rl:.4f}" if p_rl is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [g for g in PAPER_ORDER if g not in groups]
+    if missing:
+        lines += ["", f"Not evaluated yet: {', '.join(f'`{g}`' for g in missing)} (`sap eval --group NAME`)."]
+    lines += [
+        "",
+        "Columns: SubEM = a gold answer is contained in the prediction; valid format = the episode ended with an "
+        "`<answer>` and every turn was a search or an answer; searches/q, turns/q and tokens/q (generated tokens) are "
+        "means per question; q/s = questions per second of the last `sap eval` run of the group.",
+        "",
+        "![EM and ROUGE-L per group](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def bar_chart(groups: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(groups)
+    x = np.arange(len(names))
+    width = 0.2
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) + 2), 4.2), dpi=120)
+    series = [
+        ("EM", [groups[g]["em"] for g in names], "#1f77b4", None),
+        ("ROUGE-L", [groups[g]["rouge_l"] for g in names], "#ff7f0e", None),
+        ("paper EM", [PAPER_TABLE[g][1] if g in PAPER_TABLE else 0.0 for g in names], "#aec7e8", "//"),
+        ("paper ROUGE-L", [PAPER_TABLE[g][2] if g in PAPER_TABLE else 0.0 for g in names], "#ffbb78", "//"),
+    ]
+    for i, (label, values, color, hatch) in enumerate(series):
+        bars = ax.bar(x + (i - 1.5) * width, values, width, label=label, color=color, hatch=hatch, edgecolor="white")
+        if not label.startswith("paper"):
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(ncols=4, fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(run_dir: Path, experiment: str) -> tuple[Path, Path]:
+    groups = collect(run_dir)
+    if not groups:
+        raise ReportError(f"{run_dir / 'eval'}: no evaluated group (run `sap eval --group NAME` first)")
+    md = atomic_write_text(run_dir / "report.md", markdown(experiment, groups))
+    png = bar_chart(groups, run_dir / "report.png", f"{experiment}: EM and ROUGE-L per group")
+    return md, png
