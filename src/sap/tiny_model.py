@@ -36,8 +36,9 @@ class TinySpec:
     vocab_size: int = 2048
     hidden_size: int = 64
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    """head_dim = hidden_size / heads = 32: vLLM's CPU attention needs a head_dim of 32 or more."""
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     seed: int = 0

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Evaluate groups on a GPU node: starts the retriever if none answers, then `sap eval` + `sap report`.
+#
+#   bash scripts/eval.sh CONFIG [GROUP ...]          # default GROUP: all
+#   RETRIEVER_INDEX=indexes/wiki18-e5 bash scripts/eval.sh configs/paper/nq_qwen2.5-3b.yaml sft sft_rl
+#
+# Environment: SAP (default .venv/bin/sap), RETRIEVER_INDEX (index folder to serve when the
+# configured retriever.url is not answering), EXTRA (more `sap eval` options, e.g. "--limit 100").
+# On a GPU node the core environment holds `vllm` (make install VLLM_PKG=vllm==<version>).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=${1:?usage: scripts/eval.sh CONFIG [GROUP ...]}
+shift
+GROUPS=("$@")
+[ ${#GROUPS[@]} -eq 0 ] && GROUPS=(all)
+SAP=${SAP:-.venv/bin/sap}
+PY=$(dirname "$SAP")/python
+
+URL=$("$PY" -c "import sys; from sap.rules.config import load_config; print(load_config(sys.argv[1]).retriever.url)" "$CONFIG")
+SERVER_PID=""
+cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null; true; }
+trap cleanup EXIT
+
+if ! curl -sf "$URL/health" >/dev/null; then
+  : "${RETRIEVER_INDEX:?the retriever at $URL is not answering; set RETRIEVER_INDEX to an index folder to serve}"
+  PORT=${URL##*:}
+  "$SAP" retriever serve --index "$RETRIEVER_INDEX" --port "${PORT%%/*}" &
+  SERVER_PID=$!
+  for _ in $(seq 1 180); do curl -sf "$URL/health" >/dev/null && break; sleep 2; done
+  curl -sf "$URL/health" >/dev/null || { echo "retriever did not start at $URL" >&2; exit 1; }
+fi
+
+ARGS=()
+for g in "${GROUPS[@]}"; do ARGS+=(--group "$g"); done
+# shellcheck disable=SC2086
+"$SAP" eval --config "$CONFIG" "${ARGS[@]}" ${EXTRA:-}
+"$SAP" report --config "$CONFIG"
