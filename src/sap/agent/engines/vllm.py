@@ -6,8 +6,9 @@ result does not depend on which others share its batch). Stop strings are kept i
 common :class:`~sap.agent.engines.base.StopMatcher` cuts the token ids at the same place on
 every engine.
 
-On CPU set ``eval.enforce_eager: true``; the KV cache size there is ``VLLM_CPU_KVCACHE_SPACE``
-(GiB; set to 1 here unless already set) rather than ``gpu_memory_utilization``.
+On CPU eager mode is forced, chunked prefill is off (vllm-cpu 0.32 fails on seeded requests
+prefilled in chunks), and the KV cache size is ``VLLM_CPU_KVCACHE_SPACE`` (GiB; 1 unless
+already set) rather than ``gpu_memory_utilization``. ``eval.vllm`` overrides any of these.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class VLLMEngine:
         }
         if tensor_parallel_size == 1:  # the worker runs in the engine-core process: one spawn, not two
             kwargs["distributed_executor_backend"] = "uni"
+        if cpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request
+            # is prefilled in chunks; whole-prompt prefill avoids it
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.max_model_len, 8192)
         kwargs.update(options or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
