@@ -63,7 +63,7 @@ def train_policy(model_dir: Path, shared: Path, steps: int, seed: int = 0) -> No
         answer = tok.encode(f"<think> I found it. </think> <answer> {r['answers'][0]} </answer>", add_special_tokens=False) + [end]
         examples.append((prompt + search, [0] * len(prompt) + [1] * len(search)))
         examples.append((prompt + search + info + answer, [0] * (len(prompt) + len(search) + len(info)) + [1] * len(answer)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     rng = random.Random(seed)
     model.train()
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def train_policy(model_dir: Path, shared: Path, steps: int, seed: int = 0) -> No
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 20 == 0 or step == steps - 1:
             print(f"  train step {step:4d} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     model.save_pretrained(model_dir)
 
@@ -107,10 +107,10 @@ def main() -> None:
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     ap.add_argument("--questions", type=int, default=64, help="questions for the batched runs")
     ap.add_argument("--serial-questions", type=int, default=16, help="questions for the one-at-a-time run")
-    ap.add_argument("--max-in-flight", type=int, default=32)
+    ap.add_argument("--max-in-flight", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="per-turn cap (the paper's 1024)")
     ap.add_argument("--max-turns", type=int, default=5)
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=120)
     ap.add_argument("--retriever-url", default=None, help="a running retriever; default: start one here")
     ap.add_argument("--work", type=Path, default=None, help="where the model and index go (default: a temp dir)")
     args = ap.parse_args()
@@ -124,10 +124,12 @@ def main() -> None:
     with work_ctx as work, contextlib.ExitStack() as stack:
         work = Path(work)
         model_dir = work / "tiny-policy"
-        if not (model_dir / "config.json").exists():
+        trained = model_dir / "trained.json"
+        if not trained.exists():  # reused from --work when already trained
             print("building and training the tiny policy ...", file=sys.stderr)
             build_tiny_qwen2(model_dir, tokenizer_texts(shared))
             train_policy(model_dir, shared, args.train_steps)
+            trained.write_text(json.dumps({"steps": args.train_steps}))
         url = args.retriever_url
         if url is None:
             from sap_retriever.launch import RetrieverServer, build_oracle_index
