@@ -60,7 +60,7 @@ def train_policy(model_dir: Path, shared: Path, steps: int, seed: int = 0) -> No
         prompt = prompt_ids(tok, q)
         search = tok.encode(f"<think> I need to search. </think> <search> {q} </search>", add_special_tokens=False)
         info = tok.encode(information_block(format_docs([{"title": f'"{ctx["title"]}"', "text": ctx["text"]}])), add_special_tokens=False)
-        answer = tok.encode(f"<think> I found it. </think> <answer> {r['answers'][0]} </answer>", add_special_tokens=False) + [end]
+        answer = [*tok.encode(f"<think> I found it. </think> <answer> {r['answers'][0]} </answer>", add_special_tokens=False), end]
         examples.append((prompt + search, [0] * len(prompt) + [1] * len(search)))
         examples.append((prompt + search + info + answer, [0] * (len(prompt) + len(search) + len(info)) + [1] * len(answer)))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
@@ -116,9 +116,10 @@ def main() -> None:
     args = ap.parse_args()
 
     shared = REPO.parent / "shared" / "data"
+    from tests.conftest import tokenizer_texts
+
     from sap.rules.config import EvalConfig
     from sap.tiny_model import build_tiny_qwen2
-    from tests.conftest import tokenizer_texts
 
     work_ctx = contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="eval-bench-")
     with work_ctx as work, contextlib.ExitStack() as stack:

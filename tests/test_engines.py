@@ -29,7 +29,9 @@ def check_engine(engine) -> None:
     assert cut.token_ids == free_ids[: len(cut.token_ids)] and len(cut.token_ids) < 40
     assert cut.num_generated == len(cut.token_ids)
     # batched: per-request caps are honoured
-    gens = engine.generate([ids, ids[:-3]], [SamplingParams(max_new_tokens=5, temperature=0), SamplingParams(max_new_tokens=9, temperature=0)])
+    gens = engine.generate(
+        [ids, ids[:-3]], [SamplingParams(max_new_tokens=5, temperature=0), SamplingParams(max_new_tokens=9, temperature=0)]
+    )
     assert [g.num_generated for g in gens] == [5, 9]
 
 
