@@ -149,7 +149,7 @@ def settings_fingerprint(cfg: ExperimentConfig, group: str, engine: str) -> dict
         "dataset": cfg.eval.dataset,
         "engine": engine,
         "agent": asdict(agent_settings(cfg)) | {"max_in_flight": None},
-        "retriever": {"url": cfg.retriever.url, "topk": cfg.retriever.topk},
+        "retriever": {"topk": cfg.retriever.topk},  # not the URL: a restarted server may move
         "max_model_len": cfg.eval.max_model_len,
     }
 
