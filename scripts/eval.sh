@@ -12,14 +12,19 @@ cd "$(dirname "$0")/.."
 
 CONFIG=${1:?usage: scripts/eval.sh CONFIG [GROUP ...]}
 shift
-GROUPS=("$@")
-[ ${#GROUPS[@]} -eq 0 ] && GROUPS=(all)
+EVAL_GROUPS=("$@")
+[ ${#EVAL_GROUPS[@]} -eq 0 ] && EVAL_GROUPS=(all)
 SAP=${SAP:-.venv/bin/sap}
 PY=$(dirname "$SAP")/python
 
 URL=$("$PY" -c "import sys; from sap.rules.config import load_config; print(load_config(sys.argv[1]).retriever.url)" "$CONFIG")
 SERVER_PID=""
-cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null; true; }
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+}
 trap cleanup EXIT
 
 if ! curl -sf "$URL/health" >/dev/null; then
@@ -32,7 +37,7 @@ if ! curl -sf "$URL/health" >/dev/null; then
 fi
 
 ARGS=()
-for g in "${GROUPS[@]}"; do ARGS+=(--group "$g"); done
+for g in "${EVAL_GROUPS[@]}"; do ARGS+=(--group "$g"); done
 # shellcheck disable=SC2086
 "$SAP" eval --config "$CONFIG" "${ARGS[@]}" ${EXTRA:-}
 "$SAP" report --config "$CONFIG"
