@@ -103,16 +103,16 @@ def test_max_turns_stops_a_model_that_always_searches(tokenizer, client):
     a, _ = agent(tokenizer, client, lambda c: f"<search> {question_of(c)} again </search>", max_turns=3)
     [ep] = a.run_all(qs(1))
     rec = ep.record()
-    assert rec["turns"] == 3 and rec["stop_reason"] == "max_turns"
-    # the last turn's search is not run: 2 information blocks for 3 searches written
-    assert rec["response"].count("<information>") == 2 and len(extract_queries(rec["response"])) == 3
-    assert rec["searches"] == 2
+    # 3 search rounds, then one last turn for the answer, whose search is not run
+    assert rec["turns"] == 4 and rec["stop_reason"] == "max_turns"
+    assert rec["response"].count("<information>") == 3 and len(extract_queries(rec["response"])) == 4
+    assert rec["searches"] == 3
     # the prompt's own example answer ("Beijing") is never taken as the prediction
     assert rec["prediction"] == "" and "Beijing" in tokenizer.decode(ep.prompt_ids)
 
 
 def test_turn_token_cap(tokenizer, client):
-    a, _ = agent(tokenizer, client, lambda c: "word " * 500, max_new_tokens=20, max_turns=2)
+    a, _ = agent(tokenizer, client, lambda c: "word " * 500, max_new_tokens=20, max_turns=1)
     [ep] = a.run_all(qs(1))
     assert [t.tokens for t in ep.turns] == [20, 20]
     assert [t.finish_reason for t in ep.turns] == ["length", "length"]

@@ -71,7 +71,7 @@ def test_agent_on_vllm_with_the_real_retriever(vllm_engine, retriever_url, share
     assert [e.question.id for e in eps] == [q.id for q in questions]
     for ep in eps:
         rec = ep.record()
-        assert 1 <= rec["turns"] <= 3 and rec["tokens_generated"] <= 3 * 24
+        assert 1 <= rec["turns"] <= 4 and rec["tokens_generated"] <= 4 * 24  # 3 search rounds + the answer turn
         assert rec["stop_reason"] in {"answer", "max_turns", "context_full"}
         assert ep.context_ids[: len(ep.prompt_ids)] == ep.prompt_ids and len(ep.mask) == len(ep.context_ids) - len(ep.prompt_ids)
         # a random model writes no valid action: every turn but the last gets the invalid-action message

@@ -11,8 +11,9 @@ with the shared tag grammar:
   ``information_block(docs)`` is appended;
 - neither: Search-R1's invalid-action message is appended.
 
-A question also ends after ``max_turns`` generated turns (a search in the last one is not
-run) or when its context is full. The prompt is never truncated: when the context fills, the
+After ``max_turns`` search rounds one last turn is generated for the answer (a search written
+in it is not run), as in Search-R1 and the PPO agent loop (``sap.rl.agent_loop``); a question
+also ends when its context is full. The prompt is never truncated: when the context fills, the
 turn budget shrinks and an observation is cut to fit; a question whose prompt alone does not
 fit ends at once with an empty prediction.
 
@@ -41,7 +42,8 @@ OBSERVATION_CUT_NOTE = " ..."
 @dataclass(frozen=True)
 class AgentSettings:
     max_turns: int = 5
-    """Generated turns per question, the final answer's turn included."""
+    """Search rounds per question; one more turn is generated for the answer (Search-R1's
+    meaning, shared with the PPO agent loop): at most ``max_turns + 1`` generated turns."""
     max_new_tokens: int = 1024
     """Token cap of one turn."""
     temperature: float = 0.7
@@ -235,7 +237,7 @@ class SearchAgent:
             action = parse_action(kept.text)
             turn = Turn(kept.text, action.kind, action.content if action.kind == "search" else None, gen.num_generated, gen.finish_reason)
             ep.turns.append(turn)
-            last_turn = len(ep.turns) >= s.max_turns
+            last_turn = len(ep.turns) > s.max_turns
             if action.kind == "answer":
                 ep.stop_reason = "answer"
             elif last_turn:
