@@ -162,6 +162,44 @@ def prepare_sft_cmd(
         fail(f"no samples written: every trajectory was rejected (report: {out_dir / stage.REPORT_FILE})", code=1)
 
 
+@app.command("train-sft")
+def train_sft_cmd(
+    data: Annotated[
+        Path | None, typer.Option("--data", help="prepare-sft output folder. Default: runs/<experiment>/sft/data")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace whatever the output folder holds.")] = False,
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge the adapter into runs/<experiment>/sft/merged.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """LoRA SFT with LLaMA-Factory (in .venv-sft), then a merged checkpoint with tokenizer and chat template.
+
+    Writes runs/<experiment>/sft/: llamafactory_train.yaml, adapter/, merged/, summary.json.
+    Any LLaMA-Factory key can be set under sft.llamafactory; several GPUs with sft.nproc_per_node.
+
+    Example:
+
+        sap train-sft --config configs/paper/nq_qwen2.5-3b.yaml --set model.path=models/Qwen2.5-3B-Instruct
+    """
+    from sap.rules.rundir import record_run
+    from sap.stages.train_sft import SFTError, train_sft
+
+    cfg = resolve_config(config, set_)
+    record_run(cfg, "train-sft")
+    try:
+        result = train_sft(cfg, data_dir=data, resume=resume, overwrite=overwrite, merge=merge, progress=sys.stderr.isatty())
+    except SFTError as e:
+        fail(str(e))
+    s = result.summary
+    loss = f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["first_loss"] is not None else "no loss logged"
+    typer.echo(f"{s['steps']} steps, {loss}, {s['wall_time_s']:.0f}s")
+    typer.echo(f"adapter: {s['paths']['adapter']}")
+    if s["merged"]:
+        typer.echo(f"merged:  {s['paths']['merged']}")
+    typer.echo(f"summary: {result.paths.summary}")
+
+
 @app.command("score")
 def score_cmd(
     predictions: Annotated[

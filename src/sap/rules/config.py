@@ -129,8 +129,25 @@ class SFTConfig(_Section):
     gradient_accumulation_steps: int = Field(4, ge=1)
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     cutoff_len: int = Field(4096, ge=16)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides num_train_epochs); None = whole epochs."""
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    """Checkpoint every N steps (what ``--resume`` continues from)."""
+    deepspeed: str | None = None
+    """DeepSpeed: a preset (z0, z2, z2_offload, z3, z3_offload) or the path of a DeepSpeed JSON."""
+    nproc_per_node: int | None = Field(None, ge=1)
+    """GPUs per node; None = LLaMA-Factory's launcher uses every visible GPU (torchrun when >1)."""
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str | None = None
+    master_port: int | None = Field(None, ge=1, le=65535)
+    force_torchrun: bool = False
+    """Launch through torchrun even on one device (LLaMA-Factory's FORCE_TORCHRUN)."""
     llamafactory: dict[str, Any] = {}
-    """Any further LLaMA-Factory training key, passed through as is."""
+    """Any further LLaMA-Factory training key, passed through as is (applied last)."""
 
 
 class PPOConfig(_Section):
