@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install test test-fast test-rl lint format clean setup-rl setup-gpu
+.PHONY: help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
 
 # The RL environment: VeRL 0.9.1 + sap (CPU here: agent loop, Ray, config and data checks).
 RL_VENV        ?= .venv-rl
@@ -17,8 +17,14 @@ RL_CONSTRAINTS ?= constraints/rl.txt
 RL_BIN         := $(RL_VENV)/bin
 VERL_SPEC      ?= verl[verl-core]==0.9.1
 
+# The SFT environment: LLaMA-Factory 0.9.5 (+ sap, editable); see docs/train-sft.md.
+SFT_VENV        ?= .venv-sft
+SFT_CONSTRAINTS ?= constraints/sft.txt
+SFT_BIN := $(SFT_VENV)/bin
+
 help:
 	@echo "make install     core environment ($(VENV)): sap, retriever, eval engines"
+	@echo "make setup-sft   SFT environment ($(SFT_VENV)): LLaMA-Factory 0.9.5 for sap train-sft"
 	@echo "make test        create what the tests need, then run every test"
 	@echo "make test-fast   only the fast tests (no -m slow)"
 	@echo "make lint        ruff"
@@ -46,6 +52,24 @@ $(VENV)/.vllm: $(VENV)/.installed $(CONSTRAINTS)
 
 install: $(VENV)/.installed $(VENV)/.vllm
 
+$(SFT_BIN)/python:
+	$(PYTHON) -m venv $(SFT_VENV)
+
+# llamafactory requires torchvision/torchaudio, but their PyPI wheels are CUDA builds that fail to
+# load next to CPU torch; when they do not import, they are removed and sap's stand-in torchaudio
+# (LLaMA-Factory imports it at module level, text SFT never calls it) is put in their place.
+$(SFT_VENV)/.installed: pyproject.toml $(SFT_CONSTRAINTS) envs/sft-stubs/torchaudio/__init__.py | $(SFT_BIN)/python
+	$(SFT_BIN)/pip install $(PIP_FLAGS) -c $(SFT_CONSTRAINTS) "llamafactory==0.9.5" tensorboard -e .
+	@if ! $(SFT_BIN)/python -c "import torchvision, torchaudio" >/dev/null 2>&1; then \
+	  echo "removing torchvision/torchaudio (CUDA builds that do not load with this torch); installing the torchaudio stand-in"; \
+	  $(SFT_BIN)/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec 2>/dev/null || true; \
+	  cp -r envs/sft-stubs/torchaudio "$$($(SFT_BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"; \
+	fi
+	$(SFT_BIN)/python -c "import llamafactory.data.mm_plugin, llamafactory.train.tuner"
+	@touch $@
+
+setup-sft: $(SFT_VENV)/.installed
+
 $(RL_BIN)/python:
 	$(PYTHON) -m venv $(RL_VENV)
 
@@ -68,7 +92,7 @@ setup-gpu:
 
 # Two runs: the core environment (everything not marked rl_env), then the RL environment
 # (tests/rl, marked rl_env: VeRL's agent loop, dataset and config validation).
-test: install setup-rl
+test: install setup-sft setup-rl
 	$(BIN)/python -m pytest -m "not rl_env" $(PYTEST_ARGS)
 	$(RL_BIN)/python -m pytest -m rl_env tests/rl $(PYTEST_ARGS)
 
@@ -87,4 +111,4 @@ format: install
 	$(BIN)/ruff format src tests benchmarks retriever
 
 clean:
-	rm -rf $(VENV) $(RL_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(RL_VENV) $(SFT_VENV) .pytest_cache .ruff_cache
