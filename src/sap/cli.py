@@ -164,9 +164,7 @@ def prepare_sft_cmd(
 
 @app.command("train-sft")
 def train_sft_cmd(
-    data: Annotated[
-        Path | None, typer.Option("--data", help="prepare-sft output folder. Default: runs/<experiment>/sft/data")
-    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="prepare-sft output folder. Default: runs/<experiment>/sft/data")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace whatever the output folder holds.")] = False,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge the adapter into runs/<experiment>/sft/merged.")] = True,

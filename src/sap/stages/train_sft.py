@@ -19,6 +19,7 @@ Files, under ``runs/<experiment>/sft/``::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,7 +61,15 @@ RESERVED_KEYS = {
     "overwrite_output_dir": "--overwrite",
 }
 # Keys that do not change what is trained: left out of the fingerprint.
-_NOT_FINGERPRINTED = {"output_dir", "dataset_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "run_name", "logging_steps"}
+_NOT_FINGERPRINTED = {
+    "output_dir",
+    "dataset_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "report_to",
+    "run_name",
+    "logging_steps",
+}
 _PRECISION_KEYS = {"fp16": {"fp16": True, "bf16": False}, "bf16": {"fp16": False, "bf16": True}, "fp32": {"fp16": False, "bf16": False}}
 _REPORT_TO = {"none": "none", "wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -166,6 +175,7 @@ def check_dataset(data_dir: Path) -> int:
 class SFTEnvironment:
     python: Path
     versions: dict[str, str | None]
+    cuda_devices: int | None = None
 
     @property
     def bin_dir(self) -> Path:
@@ -180,6 +190,7 @@ _PROBE = (
     "import json\nfrom importlib import metadata\nout = {}\n"
     "for n in ('llamafactory', 'torch', 'transformers', 'peft', 'trl', 'tensorboard', 'wandb', 'deepspeed'):\n"
     "    try:\n        out[n] = metadata.version(n)\n    except metadata.PackageNotFoundError:\n        out[n] = None\n"
+    "try:\n    import torch\n    out['cuda_devices'] = torch.cuda.device_count()\nexcept Exception:\n    out['cuda_devices'] = None\n"
     "print(json.dumps(out))\n"
 )
 
@@ -204,7 +215,8 @@ def probe_environment(configured: str) -> SFTEnvironment:
         versions = json.loads(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as e:
         raise SFTError(f"SFT environment {python} does not run ({e}); recreate it with `{SETUP_TARGET}`") from None
-    env = SFTEnvironment(python, versions)
+    cuda = versions.pop("cuda_devices", None)
+    env = SFTEnvironment(python, versions, cuda)
     if not versions.get("llamafactory") or not env.cli.is_file():
         raise SFTError(f"SFT environment {python} has no LLaMA-Factory; create it with `{SETUP_TARGET}`")
     return env
@@ -230,7 +242,14 @@ def deepspeed_config(stage: int, offload: bool = False) -> dict[str, Any]:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "bf16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
@@ -386,7 +405,13 @@ def subprocess_env(cfg: ExperimentConfig, env: SFTEnvironment, paths: SFTPaths) 
         out.setdefault("WANDB_PROJECT", cfg.tracking.project)
         out.setdefault("WANDB_DIR", str(paths.sft_dir))
     s = cfg.sft
-    launch = {"NNODES": s.nnodes, "NODE_RANK": s.node_rank, "NPROC_PER_NODE": s.nproc_per_node, "MASTER_ADDR": s.master_addr, "MASTER_PORT": s.master_port}
+    launch = {
+        "NNODES": s.nnodes,
+        "NODE_RANK": s.node_rank,
+        "NPROC_PER_NODE": s.nproc_per_node,
+        "MASTER_ADDR": s.master_addr,
+        "MASTER_PORT": s.master_port,
+    }
     for key, value in launch.items():
         if value is not None:
             out[key] = str(value)
@@ -504,10 +529,19 @@ def train_sft(
     env = probe_environment(cfg.environments.sft_python)
     for backend in ("tensorboard", "wandb"):
         if cfg.tracking.backend == backend and not env.versions.get(backend):
-            raise SFTError(f"tracking.backend={backend} but {backend} is not installed in {env.python.parent.parent}: `{env.bin_dir / 'pip'} install {backend}`")
+            raise SFTError(
+                f"tracking.backend={backend} but {backend} is not installed in {env.python.parent.parent}: `{env.bin_dir / 'pip'} install {backend}`"
+            )
+    if cfg.sft.precision == "fp16" and env.cuda_devices == 0:
+        raise SFTError(
+            "sft.precision=fp16 needs a GPU and torch in the SFT environment sees none; "
+            "on CPU use --set sft.precision=fp32 (or bf16 where the CPU supports it)"
+        )
     deepspeed = resolve_deepspeed(cfg.sft.deepspeed, paths.sft_dir)
     if deepspeed is not None and not env.versions.get("deepspeed"):
-        raise SFTError(f"sft.deepspeed is set but deepspeed is not installed in {env.python.parent.parent}: `{env.bin_dir / 'pip'} install deepspeed`")
+        raise SFTError(
+            f"sft.deepspeed is set but deepspeed is not installed in {env.python.parent.parent}: `{env.bin_dir / 'pip'} install deepspeed`"
+        )
     args = train_args(cfg, model, paths, deepspeed)
     fp = fingerprint(args, paths.data_dir / DATA_FILE)
     resume_from = plan_output_dir(paths, fp, resume, overwrite)
@@ -559,7 +593,9 @@ def train_sft(
             bar.close()
     train_wall = time.time() - started
     if rc != 0:
-        raise SFTError(f"llamafactory-cli train failed (exit {rc}); last lines of {paths.sft_dir / TRAIN_LOG}:\n{log_tail(paths.sft_dir / TRAIN_LOG)}")
+        raise SFTError(
+            f"llamafactory-cli train failed (exit {rc}); last lines of {paths.sft_dir / TRAIN_LOG}:\n{log_tail(paths.sft_dir / TRAIN_LOG)}"
+        )
 
     # 4. merge
     merged_dir: Path | None = None
@@ -625,10 +661,8 @@ def build_summary(
     full = TrainProgress()
     full.update(rows)
     results: dict[str, Any] = {}
-    try:
+    with contextlib.suppress(OSError, json.JSONDecodeError):
         results = json.loads((paths.adapter / "all_results.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        pass
     losses = full.losses or state.losses
     return {
         "experiment": cfg.experiment,
