@@ -698,4 +698,5 @@ def _progress_bar(enabled: bool):
 
     # The ETA is LLaMA-Factory's own (in the postfix): tqdm's would count model loading as training.
     fmt = "{desc}: {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
-    return tqdm(total=None, desc="train-sft", unit="step", dynamic_ncols=True, file=sys.stderr, bar_format=fmt)
+    size = shutil.get_terminal_size((100, 20))  # a terminal that reports 0x0 (e.g. a bare pty) gets 100x20
+    return tqdm(total=None, desc="train-sft", unit="step", ncols=size.columns, nrows=size.lines, file=sys.stderr, bar_format=fmt)
