@@ -127,6 +127,8 @@ def test_missing_model_says_offline_and_how_to_fetch(tmp_path, monkeypatch):
     with pytest.raises(ts.SFTError) as e:
         ts.resolve_model("Qwen/Qwen2.5-3B-Instruct")
     assert "not in the Hugging Face cache" in str(e.value) and "model.path" in str(e.value)
+    with pytest.raises(ts.SFTError, match=r"'/no/such/model': no such folder \(set model.path"):
+        ts.resolve_model("/no/such/model")
     with pytest.raises(ts.SFTError, match=r"no config\.json"):
         ts.resolve_model(str(tmp_path))
     snap = fake_model_dir(tmp_path / "hub" / "models--Qwen--Qwen2.5-3B-Instruct" / "snapshots" / "abc")

@@ -123,6 +123,8 @@ def resolve_model(path: str) -> Path:
     snapshot = _hub_cache_snapshot(path)
     if snapshot is not None:
         return snapshot
+    if not _looks_like_hub_id(path):
+        raise SFTError(f"model.path {path!r}: no such folder (set model.path to a local Hugging Face model folder)")
     raise SFTError(
         f"model.path {path!r}: no such folder, and not in the Hugging Face cache ({hub_cache_dir()}). "
         "Nothing is downloaded at run time: fetch the model on a machine with internet "
@@ -137,10 +139,15 @@ def hub_cache_dir() -> Path:
     return home / "hub"
 
 
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and parts[0] not in ("models", "runs")
+
+
 def _hub_cache_snapshot(repo_id: str) -> Path | None:
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts):
+    if not _looks_like_hub_id(repo_id):
         return None
+    parts = repo_id.split("/")
     snapshots = hub_cache_dir() / f"models--{parts[0]}--{parts[1]}" / "snapshots"
     found = sorted((s for s in snapshots.glob("*") if (s / "config.json").is_file()), key=lambda s: s.stat().st_mtime)
     return found[-1] if found else None
