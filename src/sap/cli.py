@@ -190,7 +190,10 @@ def train_sft_cmd(
     except SFTError as e:
         fail(str(e))
     s = result.summary
-    loss = f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["first_loss"] is not None else "no loss logged"
+    if s["first_loss"] is not None:
+        loss = f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
+    else:
+        loss = f"train loss {s['train_loss']:.4f}" if s["train_loss"] is not None else "no loss logged"
     typer.echo(f"{s['steps']} steps, {loss}, {s['wall_time_s']:.0f}s")
     typer.echo(f"adapter: {s['paths']['adapter']}")
     if s["merged"]:
