@@ -91,6 +91,14 @@ def test_tracking_backend_maps_to_report_to_and_wandb_env(tmp_path, monkeypatch,
     assert "FORCE_TORCHRUN" not in env
 
 
+def test_launcher_variables_exported_by_the_user_stay(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNODES", "4")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    cfg = load_config(None, ["sft.master_addr=node1"])
+    env = ts.subprocess_env(cfg, ts.SFTEnvironment(tmp_path / "python", {}), ts.SFTPaths.for_config(cfg))
+    assert (env["NNODES"], env["MASTER_ADDR"]) == ("4", "node1")
+
+
 def test_multi_gpu_goes_through_llamafactorys_launcher(tmp_path, monkeypatch):
     monkeypatch.delenv("FORCE_TORCHRUN", raising=False)
     cfg = load_config(

@@ -402,7 +402,8 @@ def plan_output_dir(paths: SFTPaths, fp: dict[str, Any], resume: bool, overwrite
 
 def subprocess_env(cfg: ExperimentConfig, env: SFTEnvironment, paths: SFTPaths) -> dict[str, str]:
     """The child's environment: the SFT venv first on PATH (torchrun), tracking and launcher
-    variables from the config; anything already set by the user wins for the launcher."""
+    variables from the config. A launcher variable the user exported (NNODES, MASTER_ADDR, …)
+    stays unless the config sets that key; wandb variables the user exported always stay."""
     out = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "__PYVENV_LAUNCHER__")}
     out["PATH"] = str(env.bin_dir) + os.pathsep + out.get("PATH", "")
     out["VIRTUAL_ENV"] = str(env.bin_dir.parent)
@@ -413,8 +414,8 @@ def subprocess_env(cfg: ExperimentConfig, env: SFTEnvironment, paths: SFTPaths) 
         out.setdefault("WANDB_DIR", str(paths.sft_dir))
     s = cfg.sft
     launch = {
-        "NNODES": s.nnodes,
-        "NODE_RANK": s.node_rank,
+        "NNODES": s.nnodes if s.nnodes > 1 else None,
+        "NODE_RANK": s.node_rank if s.node_rank > 0 else None,
         "NPROC_PER_NODE": s.nproc_per_node,
         "MASTER_ADDR": s.master_addr,
         "MASTER_PORT": s.master_port,
