@@ -89,7 +89,7 @@ def test_overrides_follow_the_experiment_config():
     assert o["algorithm.kl_ctrl.kl_coef"] == "0.001" and o["algorithm.use_kl_in_reward"] == "true"
     assert o["data.train_batch_size"] == "32" and o["actor_rollout_ref.actor.ppo_mini_batch_size"] == "32"
     assert o["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"] == "8" and o["trainer.total_training_steps"] == "600"
-    assert o["data.max_prompt_length"] == "4096" and o["data.max_response_length"] == str(2 * 500 + 1 * 500)
+    assert o["data.max_prompt_length"] == "4096" and o["data.max_response_length"] == str(3 * 500 + 2 * 500)
     assert o["actor_rollout_ref.model.lora_rank"] == "0" and "actor_rollout_ref.model.lora_alpha" not in o
     assert o["trainer.logger"] == "[console]" and o["actor_rollout_ref.rollout.n"] == "1"
     assert o["trainer.rollout_data_dir"].endswith("ppo/rollouts") and o["trainer.validation_data_dir"].endswith("ppo/validation")

@@ -98,7 +98,7 @@ def check_invariants(s: Sample, tokenizer, cfg) -> None:
     p = cfg.ppo
     assert len(s.response_ids) == len(s.mask) <= p.total_response_length
     assert s.mask and s.mask[-1] == 1, "a trajectory never ends on observation tokens"
-    assert 1 <= len(s.calls) <= p.max_turns
+    assert 1 <= len(s.calls) <= p.max_turns + 1
     generated = 0
     pos = 0
     for value, start, end in runs(s.mask):
@@ -189,7 +189,7 @@ def test_final_turn_invalid_action_and_observation_cap(tmp_path: Path, tiny_mode
         tmp_path,
         tiny_model,
         core_retriever_url,
-        "ppo.max_turns=2",
+        "ppo.max_turns=1",
         "ppo.max_response_length=48",
         "ppo.max_obs_length=40",
         "ppo.response_budget=160",
@@ -205,7 +205,7 @@ def test_final_turn_invalid_action_and_observation_cap(tmp_path: Path, tiny_mode
     for s in samples.values():
         check_invariants(s, tok, cfg)
 
-    # max_turns=2: the first turn's search is run; the last turn's search is not, nothing follows it
+    # max_turns=1: one search round, then the answer turn: its search is not run, nothing follows it
     s = samples[NOBEL]
     assert [v for v, _, _ in runs(s.mask)] == [1, 0, 1] and len(s.calls) == 2
     (_, _, _), (_, o0, o1), (_, b0, b1) = runs(s.mask)
@@ -237,7 +237,7 @@ def test_final_turn_invalid_action_and_observation_cap(tmp_path: Path, tiny_mode
     for q in (READING, DRAGON):
         s = samples[q]
         assert len(s.calls[0].token_ids) == cfg.ppo.max_response_length
-        assert s.fields["sap_budget_exhausted"] or len(s.calls) == cfg.ppo.max_turns
+        assert s.fields["sap_budget_exhausted"] or len(s.calls) == cfg.ppo.max_turns + 1
 
 
 def test_retrieval_failure_is_counted(tmp_path: Path, tiny_model: Path):

@@ -98,7 +98,7 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
     assert resolved["trainer"]["n_gpus_per_node"] == 2 and resolved["trainer"]["nnodes"] == 2
     assert resolved["trainer"]["logger"] == ["console", "tensorboard"]
     assert resolved["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "sap_search"
-    assert resolved["data"]["max_response_length"] == 2 * 500 + 1 * 500
+    assert resolved["data"]["max_response_length"] == 3 * 500 + 2 * 500
     assert resolved["reward"]["custom_reward_function"]["path"] == "pkg://sap.rl.reward"
     agent_loops = yaml.safe_load((ppo / "agent_loop.yaml").read_text())
     assert agent_loops[0]["max_turns"] == 2 and agent_loops[0]["retriever"]["url"] == "http://127.0.0.1:9"

@@ -12,10 +12,10 @@ One trajectory, token in and token out, the way sap's eval loop plays it in text
 3. the turn is read with :func:`sap.rules.tags.parse_action`: an answer ends the trajectory;
    a search gets ``information_block(docs)`` from the retriever, an invalid turn gets
    :data:`sap.rules.prompts.INVALID_ACTION_MESSAGE`. Those inserted tokens have mask 0;
-4. at most ``max_turns`` turns are generated (the answer's included, as in sap's eval loop);
-   nothing is inserted after the last one, so its search is not run. An observation that
-   would leave no room for another generated token is not inserted either, so a trajectory
-   never ends on observation tokens. An empty query is not sent; it gets an empty
+4. after ``max_turns`` search rounds one last turn is generated for the answer (Search-R1's
+   meaning, shared with sap's eval loop); nothing is inserted after it, so a search written
+   there is not run. An observation that would leave no room for another generated token is
+   not inserted either, so a trajectory never ends on observation tokens. An empty query is not sent; it gets an empty
    ``<information>`` block (as in the eval loop).
 
 Retrieval failures are retried by :class:`~sap.agent.retrieval.RetrieverClient`; one that
@@ -99,7 +99,7 @@ class SearchAgentLoop(AgentLoopBase):
             max_retries=int(retriever.get("max_retries", 3)),
             backoff_s=float(retriever.get("backoff_s", 0.5)),
         )
-        if max_turns < 1 or max_turn_tokens < 1 or max_obs_tokens < 1:
+        if max_turns < 0 or max_turn_tokens < 1 or max_obs_tokens < 1:
             raise ValueError(f"bad agent loop limits: {max_turns=} {max_turn_tokens=} {max_obs_tokens=}")
         self.max_turns = int(max_turns)
         self.max_turn_tokens = int(max_turn_tokens)
@@ -153,7 +153,7 @@ class SearchAgentLoop(AgentLoopBase):
         timing: dict[str, float] = {}
         num_preempted = 0
 
-        for turn in range(self.max_turns):
+        for turn in range(self.max_turns + 1):
             room = budget - len(response_ids)
             if room <= 0:
                 stats.budget_exhausted = True
@@ -185,7 +185,7 @@ class SearchAgentLoop(AgentLoopBase):
             if action.kind == "answer":
                 stats.answered = True
                 break
-            if turn == self.max_turns - 1:
+            if turn == self.max_turns:
                 break  # the final turn: nothing is inserted after it
             with simple_timer("tool_calls", timing):
                 if action.kind == "search":

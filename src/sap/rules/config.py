@@ -165,8 +165,8 @@ class PPOConfig(_Section):
     critic_lr: float = Field(1e-5, gt=0)
     kl_coef: float = Field(0.001, ge=0)
     max_turns: int = Field(2, ge=1)
-    """Generated turns per trajectory, the answer's turn included (as ``eval.max_turns``): a
-    search in the last turn is not run. Search-R1's ``max_turns=N`` is ``N + 1`` here."""
+    """Search rounds per trajectory; one more turn is generated for the answer, so at most
+    ``max_turns + 1`` generated turns (Search-R1's meaning, shared with ``eval.max_turns``)."""
     max_prompt_length: int = Field(4096, ge=1)
     max_response_length: int = Field(500, ge=1)
     """Token cap of one generated turn (passed to the rollout server as ``max_tokens``)."""
@@ -174,7 +174,7 @@ class PPOConfig(_Section):
     """Token cap of one inserted ``<information>`` block (the passages are cut, the tags kept)."""
     response_budget: int | None = Field(None, ge=1)
     """Total response tokens across all turns and observations (VeRL's ``response_length``).
-    None: max_turns * max_response_length + (max_turns - 1) * max_obs_length."""
+    None: (max_turns + 1) * max_response_length + max_turns * max_obs_length."""
     lora_rank: int = Field(0, ge=0)
     """0 = full fine-tuning."""
     lora_alpha: int = Field(32, ge=1)
@@ -218,7 +218,7 @@ class PPOConfig(_Section):
     def total_response_length(self) -> int:
         if self.response_budget is not None:
             return self.response_budget
-        return self.max_turns * self.max_response_length + (self.max_turns - 1) * self.max_obs_length
+        return (self.max_turns + 1) * self.max_response_length + self.max_turns * self.max_obs_length
 
 
 class EvalGroup(_Section):
