@@ -60,24 +60,27 @@ class _Job:
 class MicroBatcher:
     """Collects concurrent requests into one ``searcher.search`` call."""
 
-    def __init__(self, searcher: Searcher, max_batch: int, max_wait_ms: float, max_queue: int):
+    def __init__(self, searcher: Searcher, max_batch: int, max_wait_ms: float, max_queue: int, workers: int = 1):
         self.searcher = searcher
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.workers = workers
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="search")
         self.batches = 0
         self.batched_queries = 0
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"micro-batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with suppress(asyncio.CancelledError):
-                await self._task
+                await task
         while not self.queue.empty():
             job = self.queue.get_nowait()
             if not job.future.done():
@@ -203,7 +206,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = MicroBatcher(searcher, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
+        batcher = MicroBatcher(searcher, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, workers=max(1, cfg.workers))
         batcher.start()
         app.state.batcher = batcher
         state["started"] = time.time()
@@ -246,6 +249,7 @@ def create_app(
             "mean_batch": round(batcher.batched_queries / batcher.batches, 2) if batcher.batches else 0.0,
             "queue_depth": batcher.queue.qsize(),
             "rss_mib": round(rss_mb(), 1),
+            "workers": batcher.workers,
             "limits": cfg.model_dump(include={"max_batch", "max_wait_ms", "max_queue", "max_queries", "max_query_chars", "max_topk"}),
         }
 
@@ -276,9 +280,25 @@ def create_app(
     return app
 
 
+def resolve_parallelism(cfg: RetrieverServeConfig) -> RetrieverServeConfig:
+    """Fill ``workers`` and ``threads`` when they are 0 (auto). On CPU, several batches each on
+    one core beat one batch on all cores: intra-op threads spin at barriers and stall whenever
+    a core is busy with anything else (the HTTP loop, other processes)."""
+    gpu = cfg.gpu
+    if not gpu:
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers or (1 if gpu else min(cores, 4))
+    threads = cfg.threads or max(1, cores // workers)
+    return cfg.model_copy(update={"workers": workers, "threads": threads})
+
+
 def configure_threads(threads: int) -> None:
-    if threads <= 0:
-        return
     try:
         import torch
 
@@ -305,14 +325,14 @@ def serve(
     import uvicorn
 
     t0 = time.perf_counter()
-    cfg = cfg or RetrieverServeConfig()
+    cfg = resolve_parallelism(cfg or RetrieverServeConfig())
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads(cfg.threads)
     from sap_retriever.index import load_searcher
 
     searcher = load_searcher(Path(index_dir), index_type=index_type, gpu=cfg.gpu, threads=cfg.threads)
     startup = time.perf_counter() - t0
-    log.info("loaded %s in %.2fs, rss %.0f MiB", index_dir, startup, rss_mb())
+    log.info("loaded %s in %.2fs, rss %.0f MiB; %d worker(s) x %d thread(s)", index_dir, startup, rss_mb(), cfg.workers, cfg.threads)
     app = create_app(searcher, cfg, default_topk, startup_s=startup)
     config = uvicorn.Config(
         app,

@@ -322,7 +322,8 @@ def retriever_serve(
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="FAISS on all visible GPUs (sharded, fp16).")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Most queries per micro-batch.")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait for more requests (ms).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch/faiss threads (0 = default).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Micro-batches computed at once (0 = auto).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch/faiss threads per worker (0 = auto).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -337,7 +338,15 @@ def retriever_serve(
     from sap_retriever.server import serve
 
     cfg = resolve_config(config, set_)
-    updates = {"host": host, "port": port, "gpu": gpu, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "threads": threads}
+    updates = {
+        "host": host,
+        "port": port,
+        "gpu": gpu,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+        "workers": workers,
+        "threads": threads,
+    }
     try:
         scfg = cfg.retriever.serve.model_validate(
             {**cfg.retriever.serve.model_dump(), **{k: v for k, v in updates.items() if v is not None}}

@@ -86,8 +86,11 @@ class RetrieverServeConfig(_Section):
     max_body_bytes: int = Field(4 << 20, ge=1024)
     gpu: bool = False
     """Move the FAISS index to the visible GPUs (sharded, fp16) when faiss has GPU support."""
+    workers: int = Field(0, ge=0)
+    """Micro-batches computed at once, each in its own thread (0 = auto: 1 on GPU, one per
+    core up to 4 on CPU, where parallel single-threaded batches beat one multi-threaded one)."""
     threads: int = Field(0, ge=0)
-    """torch/faiss threads for the server (0 = library default)."""
+    """torch/faiss threads per worker (0 = auto: the cores divided among the workers on CPU)."""
 
 
 class RetrieverConfig(_Section):
