@@ -14,13 +14,13 @@ from sap_retriever.corpus import read_oracle
 from sap_retriever.encoder import minilm_config
 from sap_retriever.index import RetrieverIndexError, build_faiss, build_index, load_searcher, read_meta
 
-SLICE = 300  # passages: the encoder runs in a few seconds on two cores
+SLICE = 160  # passages: the encoder runs in seconds on two cores
 
 
 @pytest.fixture(scope="session")
 def dense_index(tmp_path_factory, oracle_corpus):
     out = tmp_path_factory.mktemp("index") / "oracle-minilm"
-    idx = RetrieverIndexConfig(backend="dense", index_types=["flat", "sq8", "hnsw"], shard_size=128)
+    idx = RetrieverIndexConfig(backend="dense", index_types=["flat", "sq8", "hnsw"], shard_size=64)
     build_index(oracle_corpus, out, "dense", minilm_config(batch_size=64), idx, limit=SLICE, progress=False)
     return out
 
@@ -59,7 +59,7 @@ def test_rebuild_resumes_from_finished_shards(dense_index, tmp_path, oracle_corp
     (copy / "embeddings" / "shard_00001.npy").unlink()
     (copy / "faiss_flat.index").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (copy / "embeddings").iterdir()}
-    idx = RetrieverIndexConfig(backend="dense", index_types=["flat", "sq8", "hnsw"], shard_size=128)
+    idx = RetrieverIndexConfig(backend="dense", index_types=["flat", "sq8", "hnsw"], shard_size=64)
     build_index(oracle_corpus, copy, "dense", minilm_config(batch_size=64), idx, limit=SLICE, progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in (copy / "embeddings").iterdir()}
     assert after["shard_00000.npy"] == before["shard_00000.npy"] and after["shard_00002.npy"] == before["shard_00002.npy"]
