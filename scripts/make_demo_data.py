@@ -31,7 +31,15 @@ def main() -> None:
     with gzip.open(args.shared / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
         in_corpus = {json.loads(line)["question"] for line in f}
     dev = [json.loads(line) for line in (args.shared / "nq" / "NQ-open.dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows = [{"id": f"nq_dev_{i}", "question": r["question"], "golden_answers": r["answer"], "gold_passage_in_corpus": r["question"] in in_corpus} for i, r in enumerate(dev)]
+    rows = [
+        {
+            "id": f"nq_dev_{i}",
+            "question": r["question"],
+            "golden_answers": r["answer"],
+            "gold_passage_in_corpus": r["question"] in in_corpus,
+        }
+        for i, r in enumerate(dev)
+    ]
     rng = random.Random(args.seed)
     have = [r for r in rows if r["gold_passage_in_corpus"]]
     lack = [r for r in rows if not r["gold_passage_in_corpus"]]

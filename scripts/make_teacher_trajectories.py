@@ -69,16 +69,26 @@ def find_answer(hits: list[Hit], golds: list[str]) -> tuple[int, str] | None:
     return None
 
 
-def trajectory_for(question: str, golds: list[str], first: list[Hit], client: RetrieverClient, rng: random.Random) -> tuple[str, int] | None:
+def trajectory_for(
+    question: str, golds: list[str], first: list[Hit], client: RetrieverClient, rng: random.Random
+) -> tuple[str, int] | None:
     q = question.strip().rstrip("?") + "?"
-    parts = [f"<think> {rng.choice(OPENERS).format(q=q)} </think>", f"<search> {question.strip()} </search>", f"<information> {docs_text(first).strip()} </information>"]
+    parts = [
+        f"<think> {rng.choice(OPENERS).format(q=q)} </think>",
+        f"<search> {question.strip()} </search>",
+        f"<information> {docs_text(first).strip()} </information>",
+    ]
     hits, searches = first, 1
     found = find_answer(hits, golds)
     if found is None:
         query = reformulate(question)
         hits = client.search([query])[0]
         searches = 2
-        parts += [f"<think> {rng.choice(MISSED)} </think>", f"<search> {query} </search>", f"<information> {docs_text(hits).strip()} </information>"]
+        parts += [
+            f"<think> {rng.choice(MISSED)} </think>",
+            f"<search> {query} </search>",
+            f"<information> {docs_text(hits).strip()} </information>",
+        ]
         found = find_answer(hits, golds)
     if found is None:
         return None
@@ -115,10 +125,20 @@ def main() -> None:
                 continue
             text, n = made
             by_searches[n] += 1
-            kept.append({"id": row["id"], "question": row["question"], "golden_answers": row["golden_answers"], "trajectory": text, "source": SOURCE})
+            kept.append(
+                {
+                    "id": row["id"],
+                    "question": row["question"],
+                    "golden_answers": row["golden_answers"],
+                    "trajectory": text,
+                    "source": SOURCE,
+                }
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        print(f"{args.out}: {len(kept)} trajectories ({by_searches[1]} with one search, {by_searches[2]} with two); {skipped} questions left out (answer not retrieved)")
+        print(
+            f"{args.out}: {len(kept)} trajectories ({by_searches[1]} with one search, {by_searches[2]} with two); {skipped} questions left out (answer not retrieved)"
+        )
 
     if args.url:
         run(args.url)

@@ -19,24 +19,17 @@ def shared_data() -> Path:
 
 
 def tokenizer_texts(shared_data: Path, n: int = 400) -> list[str]:
-    """Text to train the tiny tokenizer on: Search-R1 prompts, passages and tagged steps."""
+    """Text to train the tiny tokenizer on: the first ``n`` oracle questions and passages."""
     import gzip
     import json
 
-    from sap.rules.prompts import INVALID_ACTION_MESSAGE, build_prompt, information_block
+    from sap.tiny_model import protocol_texts
 
-    texts = [INVALID_ACTION_MESSAGE, "<think> </think> <search> </search> <information> </information> <answer> </answer>"]
     with gzip.open(shared_data / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            r = json.loads(line)
-            ctx = r["ctxs"][0]
-            texts.append(build_prompt(r["question"]))
-            texts.append(f"<think> I need to search. </think> <search> {r['question']} </search>")
-            texts.append(information_block(f'Doc 1(Title: "{ctx["title"]}") {ctx["text"]}'))
-            texts.append(f"<answer> {r['answers'][0]} </answer>")
-    return texts
+        rows = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+    return protocol_texts(
+        [r["question"] for r in rows], [(r["ctxs"][0]["title"], r["ctxs"][0]["text"]) for r in rows], [r["answers"][0] for r in rows]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,20 @@ class TinySpec:
     seed: int = 0
 
 
+def protocol_texts(questions: Iterable[str], passages: Iterable[tuple[str, str]], answers: Iterable[str]) -> list[str]:
+    """Text for the tiny tokenizer: Search-R1 prompts, tagged steps, observation blocks and
+    answers, so that the protocol's strings get compact tokens. ``passages`` are (title, text)."""
+    from sap.rules.prompts import INVALID_ACTION_MESSAGE, build_prompt, information_block
+
+    texts = [INVALID_ACTION_MESSAGE, "<think> </think> <search> </search> <information> </information> <answer> </answer>"]
+    for q in questions:
+        texts.append(build_prompt(q))
+        texts.append(f"<think> I need to search. </think> <search> {q} </search>")
+    texts += [information_block(f'Doc 1(Title: "{title}") {text}') for title, text in passages]
+    texts += [f"<answer> {a} </answer>" for a in answers]
+    return texts
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE trained on ``texts``, as a ``Qwen2Tokenizer`` with ChatML tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
