@@ -49,6 +49,33 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(dump_config(resolve_config(config, set_)), nl=False)
 
 
+@config_app.command("get")
+def config_get(
+    key: Annotated[str, typer.Argument(help="Dotted key path (e.g. eval.temperature), or run_dir.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print one resolved value ({experiment} filled in), for scripts.
+
+    Example:
+
+        sap config get run_dir --config configs/demo/tiny_cpu.yaml
+    """
+    cfg = resolve_config(config, set_)
+    if key == "run_dir":
+        typer.echo(str(cfg.run_dir))
+        return
+    node: object = cfg.model_dump(mode="json")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            fail(f"unknown key {key!r}")
+        node = node[part]
+    if isinstance(node, dict | list):
+        typer.echo(json.dumps(node))
+    else:
+        typer.echo("" if node is None else cfg.expand(str(node)))
+
+
 @config_app.command("validate")
 def config_validate(
     files: Annotated[list[Path], typer.Argument(help="Config files to check.")],
