@@ -9,7 +9,9 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
+DEMO_CONFIG ?= configs/demo/tiny_cpu.yaml
+
+.PHONY: demo help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
 
 # The RL environment: VeRL 0.9.1 + sap (CPU here: agent loop, Ray, config and data checks).
 RL_VENV        ?= .venv-rl
@@ -23,6 +25,7 @@ SFT_CONSTRAINTS ?= constraints/sft.txt
 SFT_BIN := $(SFT_VENV)/bin
 
 help:
+	@echo "make demo        the whole pipeline on the embedded data and a tiny local model (CPU, offline)"
 	@echo "make install     core environment ($(VENV)): sap, retriever, eval engines"
 	@echo "make setup-sft   SFT environment ($(SFT_VENV)): LLaMA-Factory 0.9.5 for sap train-sft"
 	@echo "make test        create what the tests need, then run every test"
@@ -112,3 +115,9 @@ format: install
 
 clean:
 	rm -rf $(VENV) $(RL_VENV) $(SFT_VENV) .pytest_cache .ruff_cache
+
+# The main job: every stage for real on data/ and a tiny Qwen2 built here (scripts/pipeline.sh
+# starts and stops the retriever, and reuses what an earlier run finished).
+demo: install setup-sft setup-rl
+	$(BIN)/python scripts/build_tiny_model.py --out models/tiny-qwen2
+	SAP=$(BIN)/sap bash scripts/pipeline.sh $(DEMO_CONFIG)

@@ -400,6 +400,15 @@ def train_ppo_cmd(
             "--dry-run", help="Write data and configs, validate them with VeRL, print the command; needs no GPU and no retriever."
         ),
     ] = False,
+    rollouts: Annotated[
+        int,
+        typer.Option(
+            "--rollouts",
+            min=0,
+            help="With --dry-run: also play N training questions for real (VeRL's agent-loop worker, sap's agent loop, "
+            "the retriever, an in-process HF model on CPU) -> ppo/cpu_rollouts.jsonl.",
+        ),
+    ] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -413,6 +422,8 @@ def train_ppo_cmd(
     Example:
 
         sap train-ppo --config configs/paper/nq_qwen2.5-3b.yaml --init sft --dry-run
+
+        sap train-ppo --config configs/demo/tiny_cpu.yaml --dry-run --rollouts 4   # CPU: real agent-loop rollouts
     """
     import shlex
 
@@ -422,6 +433,8 @@ def train_ppo_cmd(
     from sap.stages import train_ppo as stage
 
     cfg = resolve_config(config, set_)
+    if rollouts and not dry_run:
+        fail("--rollouts runs on CPU next to --dry-run; a real launch rolls out with vLLM inside VeRL's trainer")
     if init is not None:
         if init not in ("sft", "base"):
             fail(f"--init {init!r}: expected 'sft' or 'base'")
@@ -429,7 +442,7 @@ def train_ppo_cmd(
     try:
         RetrieverClient.from_config(cfg.retriever).health()
     except RetrievalError as e:
-        if not dry_run:
+        if not dry_run or rollouts:
             fail(f"{e}\nstart it first (sap retriever serve ...) or set retriever.url")
         typer.secho(f"warning: {e} (ignored by --dry-run)", fg=typer.colors.YELLOW, err=True)
     run_dir = record_run(cfg, "train-ppo")
@@ -451,6 +464,14 @@ def train_ppo_cmd(
         command_text = (env_prefix + " " if env_prefix else "") + shlex.join(command)
         atomic_write_text(ppo_dir / "command.txt", command_text + "\n")
         if dry_run:
+            if rollouts:
+                out = ppo_dir / "cpu_rollouts.jsonl"
+                typer.echo(f"playing {rollouts} training question(s) with the sap agent loop in VeRL's agent-loop worker (CPU) ...")
+                summary = stage.cpu_rollouts(python, (ppo_dir / "verl_config.yaml").with_suffix(".overrides.json"), rollouts, out)
+                shown = ", ".join(
+                    f"{k} {v:.2f}" for k, v in summary.items() if k in ("score", "valid_format", "searches", "turns", "retrieval_failures")
+                )
+                typer.echo(f"rollouts: {summary['n']} trajectories ({shown}) -> {out}")
             typer.echo(f"dry run: VeRL config valid -> {ppo_dir / 'verl_config.yaml'}; command ({ppo_dir / 'command.txt'}):")
             typer.echo(command_text)
             return

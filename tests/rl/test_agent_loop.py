@@ -3,7 +3,7 @@
 VeRL's ``AgentLoopWorker`` (the class VeRL runs as a Ray actor) loads ``ppo/agent_loop.yaml``,
 reads the parquet through ``RLHFDataset`` and plays each row with the sap agent loop against
 the real retrieval server (BM25, 127.0.0.1) and a rollout server implementing VeRL's
-``generate`` interface over the tiny HF model (``hf_server.py``), some turns scripted.
+``generate`` interface over the tiny HF model (``sap.rl.hf_server``), some turns scripted.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 from sap.agent.retrieval import RetrieverClient, docs_text
+from sap.rl.hf_server import HFGenerationServer
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
 from sap.rules.tags import STOP_STRINGS
 from sap.stages import train_ppo as stage
 
 from .conftest import QUESTIONS, small_config
-from .hf_server import HFGenerationServer
 
 pytestmark = [pytest.mark.rl_env, pytest.mark.slow]
 

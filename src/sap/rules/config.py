@@ -99,6 +99,10 @@ class RetrieverConfig(_Section):
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
+    corpus: str = "data/corpus/nq_oracle_corpus.jsonl"
+    """Corpus the pipeline indexes (Search-R1 JSONL); for Wikipedia-18 point it at wiki-18.jsonl."""
+    index_dir: str = "indexes/{experiment}"
+    """Where ``scripts/pipeline.sh`` builds (once) and serves the index; ``{experiment}`` is filled in."""
     encoder: EncoderConfig = EncoderConfig()
     index: RetrieverIndexConfig = RetrieverIndexConfig()
     serve: RetrieverServeConfig = RetrieverServeConfig()

@@ -362,6 +362,23 @@ def compose_and_validate(python: str, overrides: list[str], resolved_out: Path, 
     return proc.stdout.strip()
 
 
+def cpu_rollouts(python: str, overrides_file: Path, n: int, out: Path, timeout_s: float = 1800) -> dict[str, Any]:
+    """Play ``n`` training questions with the sap agent loop through VeRL's agent-loop worker
+    and an in-process HF model (:mod:`sap.rl.cpu_rollouts`, in the RL environment) against the
+    configured retriever. Writes one JSON line per trajectory to ``out``; returns mean metrics."""
+    proc = subprocess.run(
+        [python, "-m", "sap.rl.cpu_rollouts", "--overrides", str(overrides_file), "--n", str(n), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=_subprocess_env({"HF_HUB_OFFLINE": "1"}),
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise PPOStageError(f"CPU rollouts failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def cuda_available(python: str) -> bool:
     proc = subprocess.run(
         [python, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"],

@@ -1,12 +1,15 @@
-"""A rollout server for tests: VeRL's server-manager ``generate`` interface (token ids in,
+"""A CPU rollout server: VeRL's server-manager ``generate`` interface (token ids in,
 :class:`verl.workers.rollout.replica.TokenOutput` out) over an in-process HF transformers model.
+
+It stands in for vLLM's GPU engine where none can run (CPU machines: the tests and
+``sap train-ppo --rollouts``); on GPU nodes VeRL's own vLLM servers are used.
 
 It honours what vLLM honours in VeRL's sampling params: ``max_tokens``, ``stop`` strings
 (``include_stop_str_in_output``: the token that completes a stop string is the last one
 returned), EOS, ``temperature`` (0 = greedy) and ``logprobs``. Log-probs are the model's own
 (raw logits, before any forcing).
 
-``script`` makes the tiny random model act like a search agent: for a prompt whose text
+``script`` (tests) makes the tiny random model act like a search agent: for a prompt whose text
 contains a key, each call of one trajectory (same ``request_id``) forces the next scripted turn
 text token by token through a logits processor, followed by EOS; the server still applies
 ``max_tokens`` and ``stop`` itself. Every call is recorded in ``calls``.
