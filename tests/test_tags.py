@@ -121,6 +121,10 @@ def test_extract_answer_takes_last_answer_of_response():
     assert extract_answer("<answer> a </answer> then <answer> b </answer>") == "b"
     assert extract_answer("no answer here") == ""
     assert extract_answer("<answer>unclosed") == ""
+    from sap.rules.prompts import INVALID_ACTION_MESSAGE
+
+    assert extract_answer("<think>hmm</think>" + INVALID_ACTION_MESSAGE + "<think>x</think>") == ""
+    assert extract_answer("<answer> a </answer>" + INVALID_ACTION_MESSAGE) == "a"
     assert extract_queries("<search> q1 </search> x <search>q2</search>") == ["q1", "q2"]
 
 

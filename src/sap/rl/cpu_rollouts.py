@@ -36,7 +36,9 @@ def run(overrides: list[str], n: int, out: Path) -> dict[str, Any]:
     server = HFGenerationServer(config.actor_rollout_ref.model.path)
     worker = AgentLoopWorker(config, server)
     tok = worker.tokenizer
-    dataset = RLHFDataset(data_files=list(config.data.train_files), tokenizer=tok, config=config.data, processor=None)
+    files = config.data.train_files
+    files = [files] if isinstance(files, str) else list(files)
+    dataset = RLHFDataset(data_files=files, tokenizer=tok, config=config.data, processor=None)
     batch = DataProto.from_single_dict(collate_fn([dataset[i] for i in range(min(n, len(dataset)))]))
     result = asyncio.run(worker.generate_sequences(batch))
     reward_fn = get_custom_reward_fn(config)

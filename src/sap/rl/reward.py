@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sap.rules.scoring import em, subem
-from sap.rules.tags import ANSWER, INFORMATION, SEARCH, extract_answer, parse, validate
+from sap.rules.tags import ANSWER, INFORMATION, SEARCH, extract_answer, parse, validate, without_invalid_messages
 
 
 def gold_answers(ground_truth: Any) -> list[str]:
@@ -81,7 +81,7 @@ def compute_score(
     correct = em(answer, golds)
     invalid = _int(extra, "sap_invalid_actions")
     valid, _problems = trajectory_format(solution_str, invalid)
-    parsed = parse(solution_str)
+    parsed = parse(without_invalid_messages(solution_str))
     searches = _int(extra, "sap_searches", sum(1 for s in parsed.steps if s.kind == SEARCH))
 
     if reward == "em":

@@ -202,10 +202,20 @@ def render(steps: Sequence[Step]) -> str:
 # --- reading generated turns (eval, RL, reward) -------------------------------------------
 
 
+def without_invalid_messages(response: str) -> str:
+    """``response`` without the invalid-action messages the environment inserted (they quote
+    ``<search> and </search>`` and ``<answer> and </answer>``, which are not the model's)."""
+    from sap.rules.prompts import INVALID_ACTION_MESSAGE
+
+    return response.replace(INVALID_ACTION_MESSAGE, "\n")
+
+
 def extract_answer(response: str) -> str:
     """The text of the last ``<answer>`` of a model *response* (never pass the prompt: the
-    Search-R1 prompt itself contains ``<answer> Beijing </answer>``). Empty if none."""
-    found = _ANSWER_RE.findall(response)
+    Search-R1 prompt itself contains ``<answer> Beijing </answer>``). Empty if none. The
+    invalid-action message the environment inserts (it quotes ``<answer> and </answer>``) is
+    not the model's answer and is skipped."""
+    found = _ANSWER_RE.findall(without_invalid_messages(response))
     return found[-1].strip() if found else ""
 
 
