@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=TinySpec.num_key_value_heads)
     ap.add_argument("--intermediate-size", type=int, default=TinySpec.intermediate_size)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedding-std", type=float, default=0.2, help="embedding init std (0.2 lets LoRA SFT learn; see TinySpec)")
     ap.add_argument("--force", action="store_true", help="rebuild even if --out holds a model")
     args = ap.parse_args()
 
@@ -59,6 +60,7 @@ def main() -> None:
         num_key_value_heads=args.kv_heads,
         intermediate_size=args.intermediate_size,
         seed=args.seed,
+        embedding_std=args.embedding_std,
     )
     out = build_tiny_qwen2(args.out, texts, spec)
     config = json.loads((out / "config.json").read_text())

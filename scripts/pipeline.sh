@@ -118,8 +118,6 @@ fi
 if want report; then
   step "report -> $run_dir/report.md"
   "$SAP" report --config "$config" "${sets[@]}"
-  echo
-  cat "$run_dir/report.md"
 fi
 
 printf '\npipeline finished in %ss. Everything is under %s:\n' "$((SECONDS - t0))" "$run_dir"

@@ -553,6 +553,7 @@ def report_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     Writes runs/<exp>/report.md and runs/<exp>/report.png.
     """
+    from sap.rules.rundir import record_run
     from sap.stages.report import ReportError, write_report
 
     cfg = resolve_config(config, set_)
@@ -560,6 +561,7 @@ def report_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         md, png = write_report(cfg.run_dir, cfg.experiment)
     except ReportError as e:
         fail(str(e))
+    record_run(cfg, "report")
     typer.echo(md.read_text(encoding="utf-8"))
     typer.echo(f"wrote {md} and {png}")
 

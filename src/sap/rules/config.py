@@ -235,9 +235,9 @@ class EvalGroup(_Section):
 def _default_groups() -> dict[str, EvalGroup]:
     return {
         "baseline": EvalGroup(model="Qwen/Qwen2.5-3B-Instruct"),
-        "sft": EvalGroup(model="runs/{experiment}/sft/merged"),
+        "sft": EvalGroup(model="{run_dir}/sft/merged"),
         "rl": EvalGroup(model="PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-3b-it-em-ppo"),
-        "sft_rl": EvalGroup(model="runs/{experiment}/ppo/merged"),
+        "sft_rl": EvalGroup(model="{run_dir}/ppo/merged"),
     }
 
 
