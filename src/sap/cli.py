@@ -351,6 +351,9 @@ def retriever_serve(
     max_wait_ms: Annotated[float | None, typer.Option(help="Micro-batch wait for more requests (ms).")] = None,
     workers: Annotated[int | None, typer.Option(help="Micro-batches computed at once (0 = auto).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch/faiss threads per worker (0 = auto).")] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the query encoder first (~1 min; faster serving).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -373,6 +376,7 @@ def retriever_serve(
         "max_wait_ms": max_wait_ms,
         "workers": workers,
         "threads": threads,
+        "compile": compile,
     }
     try:
         scfg = cfg.retriever.serve.model_validate(

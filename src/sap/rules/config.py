@@ -50,6 +50,9 @@ class EncoderConfig(_Section):
     max_length: int = Field(256, ge=8)
     fp16: bool = True
     """Half precision on GPU (ignored on CPU)."""
+    cpu_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision on CPU. ``auto``: bfloat16 where the CPU computes it natively (AMX or
+    AVX512-BF16: 2-3x the float32 throughput, cosine to float32 > 0.9999), else float32."""
     batch_size: int = Field(512, ge=1)
     """Passages per encoder call when indexing."""
 
@@ -87,10 +90,15 @@ class RetrieverServeConfig(_Section):
     gpu: bool = False
     """Move the FAISS index to the visible GPUs (sharded, fp16) when faiss has GPU support."""
     workers: int = Field(0, ge=0)
-    """Micro-batches computed at once, each in its own thread (0 = auto: 1 on GPU, one per
-    core up to 4 on CPU, where parallel single-threaded batches beat one multi-threaded one)."""
+    """Micro-batches computed at once, each in its own thread (0 = auto: 1 on GPU or with
+    ``compile``, else one per core up to 4 on CPU, where parallel single-threaded eager batches
+    beat one multi-threaded one)."""
     threads: int = Field(0, ge=0)
     """torch/faiss threads per worker (0 = auto: the cores divided among the workers on CPU)."""
+    compile: bool = False
+    """``torch.compile`` the query encoder before serving (weights frozen into the graph on
+    CPU): 1.5-2x the queries/s of eager mode on CPU for about a minute of warm-up on 2 cores
+    (inductor caches the kernels on disk, so later starts are quicker). For long runs (PPO)."""
 
 
 class RetrieverConfig(_Section):
