@@ -20,25 +20,29 @@ import sys
 KEYS = ("index-url", "extra-index-url", "find-links")
 
 
-def pip_config() -> dict[str, list[str]]:
-    """Values of KEYS from `pip config list` (any scope), then the PIP_* environment."""
+def parse_pip_config(listing: str, environ: dict[str, str]) -> dict[str, list[str]]:
+    """Values of KEYS in `pip config list` output (any scope), then in the PIP_* variables."""
     found: dict[str, list[str]] = {}
-    try:
-        listing = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        listing = ""
     for line in listing.splitlines():
         name, sep, value = line.partition("=")
         key = name.rpartition(".")[2]
         if sep and key in KEYS:
             found[key] = shlex.split(value)[0].split() if value.strip() else []
     for key in KEYS:
-        env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        env = environ.get("PIP_" + key.upper().replace("-", "_"))
         if env:
             found[key] = env.split()
     return found
+
+
+def pip_config() -> dict[str, list[str]]:
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        listing = ""
+    return parse_pip_config(listing, dict(os.environ))
 
 
 def uv_args(config: dict[str, list[str]]) -> list[str]:
