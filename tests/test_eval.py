@@ -87,13 +87,13 @@ def test_loads_nq_jsonl_parquet_and_multihop(shared_data):
 def test_bad_dataset_errors_name_file_line_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2"}\n')
-    with pytest.raises(EvalError, match=r"bad\.jsonl:2: no gold answers"):
+    with pytest.raises(EvalError, match=r"bad\.jsonl:2: missing field 'answer' \(or 'answers', 'golden_answers'\)"):
         load_questions(bad)
     bad.write_text('{"question": "q1", "answer": ["a"]}\n{not json\n')
     with pytest.raises(EvalError, match=r"bad\.jsonl:2: not valid JSON"):
         load_questions(bad)
     bad.write_text('{"query": "q1", "answer": ["a"]}\n')
-    with pytest.raises(EvalError, match=r"bad\.jsonl:1: missing or empty field 'question'"):
+    with pytest.raises(EvalError, match=r"bad\.jsonl:1: missing field 'question'"):
         load_questions(bad)
     with pytest.raises(EvalError, match="dataset not found"):
         load_questions(tmp_path / "none.jsonl")

@@ -23,7 +23,9 @@ def test_load_questions_jsonl_and_parquet(shared_data: Path):
     qs = stage.load_questions(shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl", limit=5)
     assert len(qs) == 5 and all(q.question and q.golden_answers for q in qs)
     qs = stage.load_questions(shared_data / "nq" / "searchr1_nq_search_test.parquet", limit=3)
-    assert [q.id for q in qs] == ["test_0", "test_1", "test_2"]
+    # one id rule with eval: the position; the record's own id is the source id
+    assert [q.id for q in qs] == ["0", "1", "2"] and [q.source_id for q in qs] == ["test_0", "test_1", "test_2"]
+    assert [r["extra_info"]["source_id"] for r in stage.verl_records(qs, "train", "searchr1")] == ["test_0", "test_1", "test_2"]
     assert qs[0].golden_answers == ["Wilhelm Conrad Röntgen"]
 
 
@@ -41,7 +43,7 @@ def test_load_questions_names_file_and_line(tmp_path: Path, line: str, message: 
     bad.write_text('{"question": "ok", "answer": ["a"]}\n' + line + "\n")
     with pytest.raises(stage.PPOStageError, match=message):
         stage.load_questions(bad)
-    with pytest.raises(stage.PPOStageError, match="not found"):
+    with pytest.raises(stage.PPOStageError, match=r"missing\.jsonl: question file not found \(set ppo\.train_data / ppo\.val_data\)"):
         stage.load_questions(tmp_path / "missing.jsonl")
 
 

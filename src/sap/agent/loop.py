@@ -33,6 +33,7 @@ from typing import Any
 from sap.agent.engines.base import Engine, SamplingParams
 from sap.agent.retrieval import RetrievalError, RetrieverClient, docs_text
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, chat_messages, information_block
+from sap.rules.questions import Question  # re-exported: the agent's unit of work
 from sap.rules.tags import STOP_STRINGS, extract_answer, parse_action
 
 OBSERVATION_CUT_NOTE = " ..."
@@ -59,14 +60,6 @@ class AgentSettings:
     """Room for new tokens that an observation must leave in the context."""
     seed: int = 0
     prompt_template: str = "searchr1"
-
-
-@dataclass
-class Question:
-    id: str
-    question: str
-    golden_answers: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,2 +1,2 @@
 """The rules every stage shares (no heavy imports): config, tag grammar, prompts, scoring,
-run directory and atomic IO."""
+question files, run directory and atomic IO."""

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from sap.agent.engines.base import Engine
-from sap.agent.loop import AgentSettings, Episode, Question, SearchAgent
+from sap.agent.loop import AgentSettings, Episode, SearchAgent
 from sap.agent.retrieval import RetrieverClient
 from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
+from sap.rules.questions import ANSWER_FIELDS, QUESTION_FIELD, Question, QuestionFileError, read_questions
 from sap.rules.scoring import METRICS, aggregate, score
 
 PREDICTIONS = "predictions.jsonl"
@@ -41,79 +42,18 @@ class EvalError(ValueError):
 # --- datasets ------------------------------------------------------------------------------
 
 
-def _answers(value: Any, where: str, key: str) -> list[str]:
-    if hasattr(value, "tolist"):  # numpy arrays from parquet
-        value = value.tolist()
-    if isinstance(value, dict) and "target" in value:
-        value = value["target"]
-        if hasattr(value, "tolist"):
-            value = value.tolist()
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise EvalError(f"{where}: field {key!r} must be a string or a non-empty list of strings, got {str(value)[:80]!r}")
-
-
-def _question(record: Any, where: str, index: int, question_field: str, answer_fields: Sequence[str]) -> Question:
-    if not isinstance(record, dict):
-        raise EvalError(f"{where}: record is not an object")
-    q = record.get(question_field)
-    if not isinstance(q, str) or not q.strip():
-        raise EvalError(f"{where}: missing or empty field {question_field!r}")
-    for key in answer_fields:
-        if key in record and record[key] is not None:
-            gold = _answers(record[key], where, key)
-            break
-    else:
-        raise EvalError(f"{where}: no gold answers (expected one of {', '.join(answer_fields)})")
-    meta = {}
-    for key in ("id", "idx"):
-        if key in record and record[key] is not None:
-            meta["source_id"] = str(record[key])
-            break
-    return Question(id=str(index), question=q, golden_answers=gold, meta=meta)
-
-
 def load_questions(
     path: str | Path,
     limit: int | None = None,
-    question_field: str = "question",
-    answer_fields: Sequence[str] = ("golden_answers", "answer", "answers"),
+    question_field: str = QUESTION_FIELD,
+    answer_fields: Sequence[str] = ANSWER_FIELDS,
 ) -> list[Question]:
-    """Questions of a JSONL (``question`` + ``answer``/``golden_answers``) or a Search-R1
-    parquet; the first ``limit`` of them. A question's id is its 0-based position."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: dataset not found")
-    out: list[Question] = []
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        df = pd.read_parquet(path)
-        if question_field not in df.columns:
-            raise EvalError(f"{path}: no column {question_field!r} (columns: {', '.join(df.columns)})")
-        for i, rec in enumerate(df.to_dict("records")):
-            if limit is not None and i >= limit:
-                break
-            out.append(_question(rec, f"{path}: row {i}", i, question_field, answer_fields))
-        return out
-    with path.open(encoding="utf-8") as f:
-        index = 0
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and index >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            out.append(_question(rec, f"{path}:{lineno}", index, question_field, answer_fields))
-            index += 1
-    if not out:
-        raise EvalError(f"{path}: no questions")
-    return out
+    """:func:`sap.rules.questions.read_questions` (JSONL or Search-R1 parquet; a question's id
+    is its 0-based position), with its errors as :class:`EvalError`."""
+    try:
+        return read_questions(path, limit, question_field=question_field, answer_fields=answer_fields)
+    except QuestionFileError as e:
+        raise EvalError(str(e)) from None
 
 
 # --- one group -----------------------------------------------------------------------------

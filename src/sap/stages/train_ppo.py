@@ -33,6 +33,7 @@ import yaml
 from sap.rules.atomic import atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.rules.prompts import chat_messages, normalize_question
+from sap.rules.questions import Question, QuestionFileError, QuestionFileNotFound, read_questions
 
 AGENT_NAME = "sap_search"
 AGENT_LOOP_TARGET = "sap.rl.agent_loop.SearchAgentLoop"
@@ -47,61 +48,15 @@ class PPOStageError(RuntimeError):
 # --- data -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Question:
-    id: str
-    question: str
-    golden_answers: list[str]
-
-
-def _answers(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
-        raise PPOStageError(f"{where}: 'answer'/'golden_answers' must be a non-empty list of strings")
-    return value
-
-
 def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    """Questions and gold answers from NQ-open JSONL (``question``, ``answer`` or
-    ``golden_answers``) or a Search-R1 parquet (``question``, ``golden_answers``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PPOStageError(f"{path}: question file not found (set ppo.train_data / ppo.val_data)")
-    rows: list[Question] = []
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        df = pd.read_parquet(path)
-        for col in ("question", "golden_answers"):
-            if col not in df.columns:
-                raise PPOStageError(f"{path}: parquet has no {col!r} column (columns: {list(df.columns)})")
-        for i, r in enumerate(df.itertuples(index=False)):
-            if limit is not None and len(rows) >= limit:
-                break
-            rid = str(getattr(r, "id", i))
-            rows.append(Question(rid, str(r.question), _answers(r.golden_answers, f"{path}: row {i}")))
-        return rows
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PPOStageError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
-                raise PPOStageError(f"{where}: missing field 'question'")
-            gold = rec.get("golden_answers", rec.get("answer"))
-            if gold is None:
-                raise PPOStageError(f"{where}: missing field 'answer' (or 'golden_answers')")
-            rows.append(Question(str(rec.get("id", lineno - 1)), rec["question"], _answers(gold, where)))
-    return rows
+    """:func:`sap.rules.questions.read_questions` (NQ-open JSONL or a Search-R1 parquet), with
+    its errors as :class:`PPOStageError`."""
+    try:
+        return read_questions(path, limit)
+    except QuestionFileNotFound:
+        raise PPOStageError(f"{path}: question file not found (set ppo.train_data / ppo.val_data)") from None
+    except QuestionFileError as e:
+        raise PPOStageError(str(e)) from None
 
 
 def verl_records(questions: Sequence[Question], split: str, template: str) -> list[dict[str, Any]]:
@@ -115,7 +70,7 @@ def verl_records(questions: Sequence[Question], split: str, template: str) -> li
             "prompt": chat_messages(q.question, template),
             "ability": "fact-reasoning",
             "reward_model": {"ground_truth": {"target": list(q.golden_answers)}, "style": "rule"},
-            "extra_info": {"index": i, "split": split, "source_id": q.id},
+            "extra_info": {"index": i, "split": split, "source_id": q.source_id},
             "agent_name": AGENT_NAME,
         }
         for i, q in enumerate(questions)
@@ -137,8 +92,6 @@ def build_dataset(cfg: ExperimentConfig, out_dir: Path) -> dict[str, int]:
     counts = {}
     for split, src, limit in (("train", cfg.ppo.train_data, cfg.ppo.train_limit), ("val", cfg.ppo.val_data, cfg.ppo.val_limit)):
         questions = load_questions(cfg.expand(src), limit)
-        if not questions:
-            raise PPOStageError(f"{src}: no questions")
         write_parquet(verl_records(questions, split, cfg.prompt_template), out_dir / f"{split}.parquet")
         counts[split] = len(questions)
     if counts["train"] < cfg.ppo.train_batch_size:
