@@ -160,6 +160,47 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, shared_data, token
     assert evaluate_group(changed, "scripted", engine=engine(), restart=True)["new_this_run"] == 14
 
 
+def test_model_retrained_in_place_is_noticed_on_resume(tmp_path, shared_data, tiny_model, tokenizer, retriever_url):
+    """Retraining into the same folder (``sft/merged``) must not reuse the old model's predictions."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sap.stages.evaluate import model_identity
+
+    model_dir = tmp_path / "sft" / "merged"
+    shutil.copytree(tiny_model, model_dir)
+    cfg = make_cfg(tmp_path, shared_data / "nq" / "NQ-open.dev.jsonl", retriever_url, limit=3, groups=f"{{sft: {{model: {model_dir}}}}}")
+
+    def run(**kw):
+        return evaluate_group(cfg, "sft", engine=ScriptedEngine(tokenizer, lambda _ctx: "<answer> Paris </answer>"), **kw)
+
+    assert run()["new_this_run"] == 3
+    settings = cfg.run_dir / "eval" / "sft" / "settings.json"
+    assert "model.safetensors" in json.loads(settings.read_text())["model_files"]
+    assert run()["new_this_run"] == 0  # same model: resumed
+    # settings written before the model's files were recorded: resumed (cannot tell)
+    old = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in old.items() if k != "model_files"}))
+    assert run()["new_this_run"] == 0
+
+    # "retrain": new weights saved into the same folder
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(model_dir)
+    with pytest.raises(
+        EvalError, match=r"the model in .*merged changed since the earlier predictions were made \(.*model\.safetensors.*--restart"
+    ):
+        run()
+    assert run(restart=True)["new_this_run"] == 3
+    assert run()["new_this_run"] == 0
+    # a hub id (not a local folder) is known by its name only
+    assert model_identity("Qwen/Qwen2.5-3B-Instruct") is None
+
+
 # --- the CLI with the real HF engine, then the report ---------------------------------------
 
 

@@ -5,11 +5,13 @@ Writes ``runs/<exp>/eval/<group>/``:
 - ``predictions.jsonl``: one line per question, appended (and fsynced) as each finishes;
 - ``metrics.json``: n, em, subem, f1, rouge_l, valid_format_rate, mean_searches, mean_turns,
   tokens_per_question, questions_per_second, and more;
-- ``settings.json``: what the predictions depend on (model, dataset, decoding, agent).
+- ``settings.json``: what the predictions depend on (model, with the size and mtime of its
+  weight and config files when it is a local folder; dataset, decoding, agent).
 
 Re-running resumes: questions already in ``predictions.jsonl`` are skipped, so a crash or
 Ctrl-C loses at most the questions in flight and none is duplicated. Resuming with different
-settings is refused (``restart=True`` starts over).
+settings, or after the model was retrained into the same folder, is refused (``restart=True``,
+``sap eval --restart``, starts over).
 """
 
 from __future__ import annotations
@@ -81,11 +83,35 @@ def group_model(cfg: ExperimentConfig, group: str) -> str:
     return cfg.expand(cfg.eval.groups[group].model)
 
 
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer_config.json", "*.safetensors", "*.bin")
+"""The files of a model folder whose identity the settings record: the weights, the config,
+and what sets the chat template and the stop tokens."""
+
+
+def model_identity(model: str) -> dict[str, dict[str, int]] | None:
+    """A cheap identity of a local model folder: size and ``mtime_ns`` of each file matching
+    :data:`MODEL_FILE_PATTERNS` (nothing is read, so gigabytes cost nothing). Retraining into the
+    same folder rewrites them and so changes it. None for a hub id (not a local folder): its
+    name is all there is."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for pattern in MODEL_FILE_PATTERNS:
+        for f in sorted(folder.glob(pattern)):
+            if f.is_file() and f.name not in out:
+                st = f.stat()
+                out[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return dict(sorted(out.items()))
+
+
 def settings_fingerprint(cfg: ExperimentConfig, group: str, engine: str) -> dict[str, Any]:
     """What predictions depend on; a resumed run must match it (``limit`` may change)."""
+    model = group_model(cfg, group)
     return {
         "group": group,
-        "model": group_model(cfg, group),
+        "model": model,
+        "model_files": model_identity(model),
         "dataset": cfg.eval.dataset,
         "engine": engine,
         "agent": asdict(agent_settings(cfg)) | {"max_in_flight": None},
@@ -122,12 +148,24 @@ def _check_settings(group_dir: Path, fingerprint: dict[str, Any]) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return
+    if "model_files" not in old:  # written before sap recorded the model's files: cannot tell
+        old = old | {"model_files": fingerprint.get("model_files")}
     diff = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
-    if diff:
-        raise EvalError(
-            f"{group_dir}: earlier predictions were made with different settings ({', '.join(diff)}); "
-            "rerun with --restart to start this group over, or restore the settings"
+    if not diff:
+        return
+    if diff == ["model_files"]:  # same folder, other files: retrained (or replaced) in place
+        before, now = old.get("model_files") or {}, fingerprint.get("model_files") or {}
+        changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
+        reason = (
+            f"the model in {fingerprint.get('model')} changed since the earlier predictions were made "
+            f"({', '.join(changed)} rewritten, added or removed): they are not this model's"
         )
+    else:
+        reason = f"earlier predictions were made with different settings ({', '.join(diff)})"
+    raise EvalError(
+        f"{group_dir}: {reason}; rerun with --restart to start this group over "
+        "(its predictions are discarded), or restore the earlier model and settings"
+    )
 
 
 def evaluate_group(
@@ -240,4 +278,13 @@ def resolve_groups(cfg: ExperimentConfig, names: Iterable[str]) -> list[str]:
     return out
 
 
-__all__ = ["METRICS", "EvalError", "compute_metrics", "evaluate_group", "load_questions", "resolve_groups"]
+__all__ = [
+    "METRICS",
+    "EvalError",
+    "compute_metrics",
+    "evaluate_group",
+    "load_questions",
+    "model_identity",
+    "resolve_groups",
+    "settings_fingerprint",
+]
