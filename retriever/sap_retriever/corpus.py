@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json
 
 
-class CorpusError(ValueError):
+class CorpusError(SapError, ValueError):
     """A corpus file that cannot be read; the message names file, line and field."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json
 from sap.rules.config import EncoderConfig, RetrieverIndexConfig
 from sap_retriever.corpus import CorpusError, Passage, PassageStore, read_passages, write_store
@@ -34,7 +35,7 @@ META = "meta.json"
 INDEX_TYPES = ("flat", "hnsw", "sq8", "ivfpq")
 
 
-class RetrieverIndexError(RuntimeError):
+class RetrieverIndexError(SapError, RuntimeError):
     """An index that cannot be built or loaded; the message says what to do."""
 
 

@@ -7,11 +7,31 @@ import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from sap.rules.config import ConfigError, ExperimentConfig, dump_config, load_config
+from sap.rules.errors import SapError
+
+
+class SapGroup(TyperGroup):
+    """The top-level command group: handles sap's error family once for every command.
+
+    A :class:`SapError` from any stage becomes ``error: <message>`` on stderr and its exit code;
+    Ctrl-C becomes exit 130 (child processes are stopped by the code that started them).
+    """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except SapError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(e.exit_code) from None
+
 
 app = typer.Typer(
+    cls=SapGroup,
     name="sap",
     help="sap, the search-agent pipeline: teach small LLMs to use a search engine (SFT then RL).",
     no_args_is_help=True,

@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 
+from sap.rules.errors import SapError
 from sap.rules.prompts import format_docs
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(SapError, RuntimeError):
     """The retriever could not answer (after retries), or answered something unusable."""
 
 

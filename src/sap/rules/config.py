@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sap.rules.errors import SapError
 
 
-class ConfigError(ValueError):
+class ConfigError(SapError, ValueError):
     """A config file or override that cannot be used; the message names file and key path."""
 
 

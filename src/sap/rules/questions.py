@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from sap.rules.errors import SapError
 
 QUESTION_FIELD = "question"
 ANSWER_FIELDS: tuple[str, ...] = ("golden_answers", "answer", "answers")
@@ -42,7 +43,7 @@ class Question:
         return str(self.meta.get("source_id", self.id))
 
 
-class QuestionFileError(ValueError):
+class QuestionFileError(SapError, ValueError):
     """A question file that cannot be read; the message names the file, line or row, and field."""
 
 

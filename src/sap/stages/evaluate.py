@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sap.rules.errors import SapError
 from sap.agent.engines.base import Engine
 from sap.agent.loop import AgentSettings, Episode, SearchAgent
 from sap.agent.retrieval import RetrieverClient
@@ -37,7 +38,7 @@ METRICS_FILE = "metrics.json"
 SETTINGS_FILE = "settings.json"
 
 
-class EvalError(ValueError):
+class EvalError(SapError, ValueError):
     """Bad dataset, group or run state; the message names the file/field."""
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_text
 
 #: Table 3 of the paper (NQ test, 3,610 questions): group -> (configuration, EM, ROUGE-L).
@@ -34,7 +35,7 @@ EXTRA_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(SapError, ValueError):
     pass
 
 

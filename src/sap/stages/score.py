@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sap.rules.errors import SapError
 from sap.rules.scoring import Scores, aggregate, score
 from sap.rules.tags import extract_answer
 
 
-class PredictionsError(ValueError):
+class PredictionsError(SapError, ValueError):
     pass
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.rules.prompts import chat_messages, normalize_question
@@ -41,7 +42,7 @@ REWARD_MODULE = "pkg://sap.rl.reward"
 DATA_SOURCE = "nq"
 
 
-class PPOStageError(RuntimeError):
+class PPOStageError(SapError, RuntimeError):
     """Bad input or environment for ``sap train-ppo``; the message says what to fix."""
 
 

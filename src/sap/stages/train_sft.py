@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json, atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.stages.prepare_sft import DATA_FILE, DATASET_INFO_FILE, DATASET_NAME, dataset_info
@@ -74,7 +75,7 @@ _PRECISION_KEYS = {"fp16": {"fp16": True, "bf16": False}, "bf16": {"fp16": False
 _REPORT_TO = {"none": "none", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
-class SFTError(RuntimeError):
+class SFTError(SapError, RuntimeError):
     """Raised before or during training with a message meant for the user."""
 
 

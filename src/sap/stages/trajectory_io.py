@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sap.rules.errors import SapError
 from sap.rules.tags import INFORMATION
 
 
@@ -57,7 +58,7 @@ class Episode:
     prompt: str | None  # the record's own prompt text, when it has one
 
 
-class BadRecord(ValueError):
+class BadRecord(SapError, ValueError):
     """A record that cannot be read as an episode; the message is the reason."""
 
 
