@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json
+from sap.rules.errors import SapError
 
 
 class CorpusError(SapError, ValueError):

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json
 from sap.rules.config import EncoderConfig, RetrieverIndexConfig
+from sap.rules.errors import SapError
 from sap_retriever.corpus import CorpusError, Passage, PassageStore, read_passages, write_store
 
 log = logging.getLogger("sap_retriever")

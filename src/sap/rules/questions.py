@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from sap.rules.errors import SapError
 
 QUESTION_FIELD = "question"

@@ -24,12 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sap.rules.errors import SapError
 from sap.agent.engines.base import Engine
 from sap.agent.loop import AgentSettings, Episode, SearchAgent
 from sap.agent.retrieval import RetrieverClient
 from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
+from sap.rules.errors import SapError
 from sap.rules.questions import ANSWER_FIELDS, QUESTION_FIELD, Question, QuestionFileError, read_questions
 from sap.rules.scoring import METRICS, aggregate, score
 

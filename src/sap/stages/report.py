@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_text
+from sap.rules.errors import SapError
 
 #: Table 3 of the paper (NQ test, 3,610 questions): group -> (configuration, EM, ROUGE-L).
 PAPER_TABLE: dict[str, tuple[str, float, float]] = {

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_text
 from sap.rules.config import ExperimentConfig
+from sap.rules.errors import SapError
 from sap.rules.prompts import chat_messages, normalize_question
 from sap.rules.questions import Question, QuestionFileError, QuestionFileNotFound, read_questions
 

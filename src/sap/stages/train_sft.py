@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from sap.rules.errors import SapError
 from sap.rules.atomic import atomic_write_json, atomic_write_text
 from sap.rules.config import ExperimentConfig
+from sap.rules.errors import SapError
 from sap.stages.prepare_sft import DATA_FILE, DATASET_INFO_FILE, DATASET_NAME, dataset_info
 
 TRAIN_YAML = "llamafactory_train.yaml"
