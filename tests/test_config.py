@@ -88,3 +88,12 @@ def test_dump_round_trips(tmp_path):
     (tmp_path / "resolved.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "resolved.yaml") == cfg
     assert cfg.expand(cfg.eval.groups["sft"].model) == "runs/nq_qwen2.5-3b/sft/merged"
+
+
+def test_protocol_selects_the_eval_loop_unless_overridden():
+    assert load_config(None).protocol == "sap" and load_config(None).eval_loop == "sap"
+    assert load_config(None, ["protocol=paper"]).eval_loop == "paper"
+    assert load_config(None, ["protocol=paper", "eval.loop=sap"]).eval_loop == "sap"
+    assert load_config(None, ["eval.loop=paper"]).eval_loop == "paper"
+    with pytest.raises(ConfigError, match=r"protocol"):
+        load_config(None, ["protocol=squad"])

@@ -281,6 +281,12 @@ class EvalConfig(_Section):
     question_field: str = "question"
     answer_fields: list[str] = ["golden_answers", "answer", "answers"]
     """Dataset keys tried, in order, for the gold answers."""
+    loop: Literal["paper", "sap"] | None = None
+    """Evaluation loop rules. ``sap``: an invalid turn gets a correction message and the episode
+    goes on, ``max_turns`` counts search rounds plus one answer turn, the answer is the last
+    ``<answer>`` of the response. ``paper``: ``infer.py``'s loop exactly (a turn without a search
+    ends the episode and is the output, ``max_turns`` counts generations; see docs/eval.md).
+    None: follow the top-level ``protocol``."""
 
 
 class EnvironmentsConfig(_Section):
@@ -293,6 +299,11 @@ class ExperimentConfig(_Section):
     run_root: str = "runs"
     seed: int = 42
     prompt_template: str = "searchr1"
+    protocol: Literal["paper", "sap"] = "sap"
+    """Named set of rules: ``paper`` reproduces the paper's scripts (metrics of
+    ``compute_metrics.py``, the evaluation loop of ``infer.py``, the SFT sample layout),
+    quirks included; ``sap`` keeps sap's own rules. Each part can be overridden on its own
+    (e.g. ``eval.loop``)."""
     model: ModelConfig = ModelConfig()
     tracking: TrackingConfig = TrackingConfig()
     retriever: RetrieverConfig = RetrieverConfig()
@@ -304,6 +315,11 @@ class ExperimentConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.experiment
+
+    @property
+    def eval_loop(self) -> Literal["paper", "sap"]:
+        """The evaluation loop in force: ``eval.loop``, or the ``protocol`` when it is unset."""
+        return self.eval.loop or self.protocol
 
     def expand(self, text: str) -> str:
         """Fill ``{experiment}`` and ``{run_dir}`` in a configured path."""
