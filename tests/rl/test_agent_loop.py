@@ -3,7 +3,8 @@
 VeRL's ``AgentLoopWorker`` (the class VeRL runs as a Ray actor) loads ``ppo/agent_loop.yaml``,
 reads the parquet through ``RLHFDataset`` and plays each row with the sap agent loop against
 the real retrieval server (BM25, 127.0.0.1) and a rollout server implementing VeRL's
-``generate`` interface over the tiny HF model (``sap.rl.hf_server``), some turns scripted.
+``generate`` interface over the tiny HF model (``sap.rl.hf_server``), some turns scripted
+(``tests/rl/scripted_server.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 import pytest
 
 from sap.agent.retrieval import RetrieverClient, docs_text
-from sap.rl.hf_server import HFGenerationServer
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
 from sap.rules.tags import STOP_STRINGS
 from sap.stages import train_ppo as stage
 
 from .conftest import QUESTIONS, small_config
+from .scripted_server import ScriptedHFServer
 
 pytestmark = [pytest.mark.rl_env, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ class Sample:
     calls: list  # the rollout server calls of this trajectory, in order
 
 
-def rollouts(cfg, server: HFGenerationServer):
+def rollouts(cfg, server: ScriptedHFServer):
     """Write data + agent-loop config as ``sap train-ppo`` does, compose VeRL's config, and run
     one batch through VeRL's AgentLoopWorker. Returns (samples by question, VeRL config, output)."""
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
@@ -141,7 +142,7 @@ def test_search_then_answer_token_by_token(tmp_path: Path, tiny_model: Path, cor
             "<think> It is in Doc 1. </think> <answer> Wilhelm Conrad Röntgen </answer> nor this",
         ]
     }
-    server = HFGenerationServer(str(tiny_model), script=script, extra_fields={"global_steps": 7})
+    server = ScriptedHFServer(str(tiny_model), script=script, extra_fields={"global_steps": 7})
     samples, config, _ = rollouts(cfg, server)
     tok = server.tokenizer
     for s in samples.values():
@@ -199,7 +200,7 @@ def test_final_turn_invalid_action_and_observation_cap(tmp_path: Path, tiny_mode
         NOBEL: ["<search> nobel prize physics </search>", "<search> again </search>", "<answer> never asked </answer>"],
         DEADPOOL: ["I am not sure.", "<answer> May 18, 2018 </answer>"],
     }
-    server = HFGenerationServer(str(tiny_model), script=script)
+    server = ScriptedHFServer(str(tiny_model), script=script)
     samples, config, _ = rollouts(cfg, server)
     tok = server.tokenizer
     for s in samples.values():
@@ -249,7 +250,7 @@ def test_retrieval_failure_is_counted(tmp_path: Path, tiny_model: Path):
         NOBEL: ["<search> nobel </search>", "<answer> Wilhelm Conrad Röntgen </answer>"],
         DEADPOOL: ["<search>  </search>", "<answer> May 18, 2018 </answer>"],  # an empty query is never sent
     }
-    server = HFGenerationServer(str(tiny_model), script=script)
+    server = ScriptedHFServer(str(tiny_model), script=script)
     samples, _, _ = rollouts(cfg, server)
     s = samples[DEADPOOL]
     (_, _, _), (_, o0, o1), (_, _, _) = runs(s.mask)
