@@ -7,7 +7,7 @@ generating each turn to its token cap (Search-R1's rollout). One run, one engine
 The model is a tiny Qwen2 built here and trained for 120 steps (minutes on 2 CPU cores; reused
 from ``--work DIR``) to write Search-R1 actions (``<think> … </think> <search> … </search>`` then ``<answer> … </answer>``),
 so that stop strings matter as they do for a real policy. Retrieval is the real server (BM25
-over the shared oracle passages) on 127.0.0.1, unless ``--retriever-url`` names one.
+over the oracle passages in ``data/corpus/``) on 127.0.0.1, unless ``--retriever-url`` names one.
 
 Prints, for each measurement, questions/s and generated tokens/question, then the two ratios
 (targets: batched ≥ 10× one-at-a-time q/s with vLLM; ≥ 3× fewer tokens with stop strings),
@@ -26,17 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from sap.agent.loop import AgentSettings, Question, SearchAgent, prompt_ids
+from sap.agent.retrieval import RetrieverClient
+from sap.rules.prompts import format_docs, information_block
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.conftest.tokenizer_texts
-
-from sap.agent.loop import AgentSettings, Question, SearchAgent, prompt_ids  # noqa: E402
-from sap.agent.retrieval import RetrieverClient  # noqa: E402
-from sap.rules.prompts import format_docs, information_block  # noqa: E402
+ORACLE = REPO / "data" / "corpus" / "nq-open-oracle.jsonl.gz"
 
 
-def oracle_rows(shared: Path, n: int) -> list[dict]:
+def oracle_rows(n: int) -> list[dict]:
     rows = []
-    with gzip.open(shared / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(ORACLE, "rt", encoding="utf-8") as f:
         for line in f:
             rows.append(json.loads(line))
             if len(rows) >= n:
@@ -44,7 +44,7 @@ def oracle_rows(shared: Path, n: int) -> list[dict]:
     return rows
 
 
-def train_policy(model_dir: Path, shared: Path, steps: int, seed: int = 0) -> None:
+def train_policy(model_dir: Path, steps: int, seed: int = 0) -> None:
     """Teach the tiny model the two Search-R1 actions (loss on the assistant tokens only)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +54,7 @@ def train_policy(model_dir: Path, shared: Path, steps: int, seed: int = 0) -> No
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     examples: list[tuple[list[int], list[int]]] = []
-    for r in oracle_rows(shared, 300):
+    for r in oracle_rows(300):
         q = r["question"]
         ctx = r["ctxs"][0]
         prompt = prompt_ids(tok, q)
@@ -115,11 +115,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="where the model and index go (default: a temp dir)")
     args = ap.parse_args()
 
-    shared = REPO.parent / "shared" / "data"
-    from tests.conftest import tokenizer_texts
-
     from sap.rules.config import EvalConfig
-    from sap.tiny_model import build_tiny_qwen2
+    from sap.tiny_model import build_tiny_qwen2, oracle_texts
 
     work_ctx = contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="eval-bench-")
     with work_ctx as work, contextlib.ExitStack() as stack:
@@ -128,8 +125,8 @@ def main() -> None:
         trained = model_dir / "trained.json"
         if not trained.exists():  # reused from --work when already trained
             print("building and training the tiny policy ...", file=sys.stderr)
-            build_tiny_qwen2(model_dir, tokenizer_texts(shared))
-            train_policy(model_dir, shared, args.train_steps)
+            build_tiny_qwen2(model_dir, oracle_texts(ORACLE))
+            train_policy(model_dir, args.train_steps)
             trained.write_text(json.dumps({"steps": args.train_steps}))
         url = args.retriever_url
         if url is None:
@@ -143,7 +140,7 @@ def main() -> None:
 
         cfg = EvalConfig(engine=args.engine, enforce_eager=True, max_in_flight=max(args.max_in_flight, 1), max_model_len=4096)
         engine = build_engine(args.engine, str(model_dir), cfg)
-        rows = oracle_rows(shared, 300 + args.questions)[300:]  # not the training questions
+        rows = oracle_rows(300 + args.questions)[300:]  # not the training questions
         questions = [Question(str(i), r["question"], r["answers"]) for i, r in enumerate(rows)]
 
         def agent(in_flight: int, stop: bool) -> SearchAgent:

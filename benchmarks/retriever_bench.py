@@ -347,7 +347,7 @@ def main() -> None:
     b.add_argument("--port", type=int, required=True)
     b.add_argument("--index-type", default="flat")
     p.add_argument("--index", type=Path, default=REPO / "indexes" / "oracle-minilm")
-    p.add_argument("--oracle", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "nq-open-oracle.jsonl.gz")
+    p.add_argument("--oracle", type=Path, default=REPO / "data" / "corpus" / "nq-open-oracle.jsonl.gz")
     p.add_argument("--requests", type=int, default=1000, help="single-query requests per concurrency level (at most 100 x concurrency)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=3, help="loads per server and level, alternating servers (the median is reported)")

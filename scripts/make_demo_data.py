@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Build the embedded demo data in data/ from the shared public data (run once; output committed).
+"""Build the embedded demo data in data/ from the public source files in data/ (run once; output committed).
 
-    python scripts/make_demo_data.py --shared ../shared/data --out data
+    python scripts/make_demo_data.py --src data --out data
 
 Writes data/nq/test.jsonl (NQ-open dev questions: a sample whose gold passage is in the demo
 corpus, plus some whose is not) and data/nq/train.jsonl (other NQ-open dev questions whose
@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--src", type=Path, default=Path("data"), help="holds corpus/nq-open-oracle.jsonl.gz and nq/NQ-open.dev.jsonl")
     ap.add_argument("--out", type=Path, default=Path("data"))
     ap.add_argument("--test-in-corpus", type=int, default=300)
     ap.add_argument("--test-not-in-corpus", type=int, default=50)
@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    with gzip.open(args.shared / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(args.src / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
         in_corpus = {json.loads(line)["question"] for line in f}
-    dev = [json.loads(line) for line in (args.shared / "nq" / "NQ-open.dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    dev = [json.loads(line) for line in (args.src / "nq" / "NQ-open.dev.jsonl").read_text(encoding="utf-8").splitlines()]
     rows = [
         {
             "id": f"nq_dev_{i}",

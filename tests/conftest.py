@@ -7,49 +7,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
+DATA = REPO / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (the repo must sit beside shared/)")
-    return SHARED_DATA
-
-
-def tokenizer_texts(shared_data: Path, n: int = 400) -> list[str]:
-    """Text to train the tiny tokenizer on: the first ``n`` oracle questions and passages."""
-    import gzip
-    import json
-
-    from sap.tiny_model import protocol_texts
-
-    with gzip.open(shared_data / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
-    return protocol_texts(
-        [r["question"] for r in rows], [(r["ctxs"][0]["title"], r["ctxs"][0]["text"]) for r in rows], [r["answers"][0] for r in rows]
-    )
+def data_dir() -> Path:
+    """The repository's ``data/`` (public data with sources and licenses in data/README.md)."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, shared_data) -> Path:
+def tiny_model(tmp_path_factory, data_dir) -> Path:
     """A tiny random Qwen2 model with a ChatML tokenizer, built once per test session."""
-    from sap.tiny_model import build_tiny_qwen2
+    from sap.tiny_model import build_tiny_qwen2, oracle_texts
 
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_texts(shared_data))
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), oracle_texts(data_dir / "corpus" / "nq-open-oracle.jsonl.gz"))
 
 
 # --- the retrieval service (retriever/sap_retriever) ---------------------------------------
 
 
 @pytest.fixture(scope="session")
-def oracle_corpus(tmp_path_factory, shared_data) -> Path:
+def oracle_corpus(tmp_path_factory, data_dir) -> Path:
     """The oracle gold passages as a Search-R1 corpus JSONL ({id, contents})."""
     from sap_retriever.corpus import convert_oracle
 
     out = tmp_path_factory.mktemp("oracle-corpus") / "corpus.jsonl"
-    convert_oracle(shared_data / "corpus" / "nq-open-oracle.jsonl.gz", out)
+    convert_oracle(data_dir / "corpus" / "nq-open-oracle.jsonl.gz", out)
     return out
 
 

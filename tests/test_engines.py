@@ -61,10 +61,10 @@ def test_vllm_engine_stops_caps_and_seeds(vllm_engine):
 
 
 @pytest.mark.slow
-def test_agent_on_vllm_with_the_real_retriever(vllm_engine, retriever_url, shared_data):
+def test_agent_on_vllm_with_the_real_retriever(vllm_engine, retriever_url, data_dir):
     from sap.stages.evaluate import load_questions
 
-    questions = load_questions(shared_data / "nq" / "NQ-open.dev.jsonl", limit=12)
+    questions = load_questions(data_dir / "nq" / "NQ-open.dev.jsonl", limit=12)
     settings = AgentSettings(max_turns=3, max_new_tokens=24, max_in_flight=8)
     agent = SearchAgent(vllm_engine, RetrieverClient(retriever_url), settings)
     eps = agent.run_all([Question(q.id, q.question, q.golden_answers) for q in questions])

@@ -69,17 +69,17 @@ def make_cfg(tmp_path: Path, dataset: Path, retriever_url: str, **eval_keys):
 # --- datasets --------------------------------------------------------------------------------
 
 
-def test_loads_nq_jsonl_parquet_and_multihop(shared_data):
-    jsonl = load_questions(shared_data / "nq" / "NQ-open.dev.jsonl", limit=5)
-    parquet = load_questions(shared_data / "nq" / "searchr1_nq_search_test.parquet", limit=5)
+def test_loads_nq_jsonl_parquet_and_multihop(data_dir):
+    jsonl = load_questions(data_dir / "nq" / "NQ-open.dev.jsonl", limit=5)
+    parquet = load_questions(data_dir / "nq" / "searchr1_nq_search_test.parquet", limit=5)
     assert [q.id for q in jsonl] == ["0", "1", "2", "3", "4"]
     assert len(jsonl) == len(parquet) == 5
     # the same questions and answers in another order
-    nq = {q.question.strip().rstrip("?"): sorted(q.golden_answers) for q in load_questions(shared_data / "nq" / "NQ-open.dev.jsonl")}
+    nq = {q.question.strip().rstrip("?"): sorted(q.golden_answers) for q in load_questions(data_dir / "nq" / "NQ-open.dev.jsonl")}
     for q in parquet:
         assert nq[q.question.strip().rstrip("?")] == sorted(q.golden_answers)
     assert parquet[0].meta["source_id"] == "test_0"
-    hop = load_questions(shared_data / "multihop" / "r1searcher_bamboogle.jsonl")
+    hop = load_questions(data_dir / "multihop" / "r1searcher_bamboogle.jsonl")
     assert len(hop) == 125 and all(q.golden_answers for q in hop)
     assert len(nq) == 3610
 
@@ -111,8 +111,8 @@ def test_groups_resolve_all_and_reject_unknown():
 # --- a group, resumed ----------------------------------------------------------------------
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, shared_data, tokenizer, retriever_url):
-    dataset = shared_data / "nq" / "NQ-open.dev.jsonl"
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_dir, tokenizer, retriever_url):
+    dataset = data_dir / "nq" / "NQ-open.dev.jsonl"
     respond = oracle_agent(gold_by_question(dataset))
 
     def engine():
@@ -160,7 +160,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, shared_data, token
     assert evaluate_group(changed, "scripted", engine=engine(), restart=True)["new_this_run"] == 14
 
 
-def test_model_retrained_in_place_is_noticed_on_resume(tmp_path, shared_data, tiny_model, tokenizer, retriever_url):
+def test_model_retrained_in_place_is_noticed_on_resume(tmp_path, data_dir, tiny_model, tokenizer, retriever_url):
     """Retraining into the same folder (``sft/merged``) must not reuse the old model's predictions."""
     import shutil
 
@@ -171,7 +171,7 @@ def test_model_retrained_in_place_is_noticed_on_resume(tmp_path, shared_data, ti
 
     model_dir = tmp_path / "sft" / "merged"
     shutil.copytree(tiny_model, model_dir)
-    cfg = make_cfg(tmp_path, shared_data / "nq" / "NQ-open.dev.jsonl", retriever_url, limit=3, groups=f"{{sft: {{model: {model_dir}}}}}")
+    cfg = make_cfg(tmp_path, data_dir / "nq" / "NQ-open.dev.jsonl", retriever_url, limit=3, groups=f"{{sft: {{model: {model_dir}}}}}")
 
     def run(**kw):
         return evaluate_group(cfg, "sft", engine=ScriptedEngine(tokenizer, lambda _ctx: "<answer> Paris </answer>"), **kw)
@@ -205,7 +205,7 @@ def test_model_retrained_in_place_is_noticed_on_resume(tmp_path, shared_data, ti
 
 
 @pytest.mark.slow
-def test_cli_eval_hf_engine_and_report(tmp_path, shared_data, tiny_model, retriever_url):
+def test_cli_eval_hf_engine_and_report(tmp_path, data_dir, tiny_model, retriever_url):
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text(
         json.dumps(
@@ -214,7 +214,7 @@ def test_cli_eval_hf_engine_and_report(tmp_path, shared_data, tiny_model, retrie
                 "run_root": str(tmp_path / "runs"),
                 "retriever": {"url": retriever_url},
                 "eval": {
-                    "dataset": str(shared_data / "nq" / "NQ-open.dev.jsonl"),
+                    "dataset": str(data_dir / "nq" / "NQ-open.dev.jsonl"),
                     "engine": "hf",
                     "max_new_tokens": 24,
                     "max_turns": 3,

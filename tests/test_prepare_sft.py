@@ -57,7 +57,7 @@ def test_n_searches_give_n_plus_one_samples(tmp_path, n):
         assert s["input"] == ""
 
 
-def test_every_input_shape(tmp_path, shared_data):
+def test_every_input_shape(tmp_path, data_dir):
     traj = "<think>t</think><search>s</search><information>i</information><answer>a</answer>"
     alpaca = {"instruction": build_prompt("x").split("Question:")[0], "input": "Question: who is x?", "output": traj}
     qa = {"question": "who is x", "golden_answers": ["a"], "response": traj}
@@ -88,8 +88,8 @@ def test_every_input_shape(tmp_path, shared_data):
     for k in range(7):
         assert res.samples[2 * k : 2 * k + 2] == first
     assert first[1]["instruction"].endswith("Question: who is x?\n<think> t </think><search> s </search><information> i </information>")
-    # the raw Search-R1 rollouts of the shared example file
-    res = prepare([shared_data / "examples" / "searchr1_example_case.txt"], PrepareSFTConfig())
+    # the raw Search-R1 rollouts of the example file (data/examples/)
+    res = prepare([data_dir / "examples" / "searchr1_example_case.txt"], PrepareSFTConfig())
     assert res.trajectories_read == 2 and res.trajectories_kept == 2
     assert res.searches == {1: 1, 2: 1}
     assert res.samples[-1]["output"].endswith("<answer> sinoatrial (SA) node </answer>")

@@ -15,16 +15,16 @@ from sap.rules.prompts import (
 )
 
 
-def test_prompt_matches_searchr1_parquet_for_every_row(shared_data):
+def test_prompt_matches_searchr1_parquet_for_every_row(data_dir):
     pd = pytest.importorskip("pandas")
-    df = pd.read_parquet(shared_data / "nq" / "searchr1_nq_search_test.parquet")
+    df = pd.read_parquet(data_dir / "nq" / "searchr1_nq_search_test.parquet")
     assert len(df) == 3610
     mismatches = [i for i, (q, p) in enumerate(zip(df["question"], df["prompt"], strict=True)) if build_prompt(q) != p[0]["content"]]
     assert mismatches == []
 
 
-def test_prompt_matches_the_rollouts_of_the_example_case(shared_data):
-    text = (shared_data / "examples" / "searchr1_example_case.txt").read_text()
+def test_prompt_matches_the_rollouts_of_the_example_case(data_dir):
+    text = (data_dir / "examples" / "searchr1_example_case.txt").read_text()
     for q in (
         "paul walkers cars in fast and furious list",
         "the heart muscle is stimulated to contract by electrical impulses which are generated where?",
@@ -40,8 +40,8 @@ def test_normalize_question():
         build_prompt("x", "nope")
 
 
-def test_format_docs_reproduces_the_example_case_block(shared_data):
-    corpus = [json.loads(line) for line in (shared_data / "examples" / "searchr1_example_corpus.jsonl").read_text().splitlines()]
+def test_format_docs_reproduces_the_example_case_block(data_dir):
+    corpus = [json.loads(line) for line in (data_dir / "examples" / "searchr1_example_corpus.jsonl").read_text().splitlines()]
     title, text = split_contents(corpus[0]["contents"])
     assert title == '"Evan Morris"' and text.startswith("Evan Morris Evan L. Morris")
     docs = format_docs(corpus[:2])
@@ -51,7 +51,7 @@ def test_format_docs_reproduces_the_example_case_block(shared_data):
     block = information_block(docs)
     assert block.startswith("\n\n<information>Doc 1(Title: ") and block.endswith("</information>\n\n")
     # the example rollouts carry exactly this shape of block
-    case = (shared_data / "examples" / "searchr1_example_case.txt").read_text()
+    case = (data_dir / "examples" / "searchr1_example_case.txt").read_text()
     assert '\n\n<information>Doc 1(Title: "Paul Walker") also had' in case
     # title/text documents format the same way
     assert format_docs([{"title": "T", "text": "body"}]) == "Doc 1(Title: T) body\n"

@@ -112,8 +112,8 @@ def test_parquet_rows_ids_and_limit(tmp_path):
     assert read_questions(path, limit=2) == qs[:2]
 
 
-def test_searchr1_parquet(shared_data):
-    qs = read_questions(shared_data / "nq" / "searchr1_nq_search_test.parquet", limit=3)
+def test_searchr1_parquet(data_dir):
+    qs = read_questions(data_dir / "nq" / "searchr1_nq_search_test.parquet", limit=3)
     assert [q.id for q in qs] == ["0", "1", "2"] and qs[0].source_id == "test_0"
     assert qs[0].golden_answers == ["Wilhelm Conrad Röntgen"]
 

@@ -27,8 +27,8 @@ def test_reads_both_layouts(tmp_path):
     assert got[1].title == '"Lyon"'
 
 
-def test_reads_searchr1_example_corpus(shared_data):
-    got = list(read_passages(shared_data / "examples" / "searchr1_example_corpus.jsonl"))
+def test_reads_searchr1_example_corpus(data_dir):
+    got = list(read_passages(data_dir / "examples" / "searchr1_example_corpus.jsonl"))
     assert len(got) == 10
     assert got[0].contents.startswith('"Evan Morris"\n')
 
@@ -76,8 +76,8 @@ def test_incomplete_store_is_refused(tmp_path):
         PassageStore(tmp_path / "store")
 
 
-def test_convert_oracle(tmp_path, shared_data):
-    src = shared_data / "corpus" / "nq-open-oracle.jsonl.gz"
+def test_convert_oracle(tmp_path, data_dir):
+    src = data_dir / "corpus" / "nq-open-oracle.jsonl.gz"
     out = tmp_path / "corpus.jsonl"
     n = convert_oracle(src, out)
     questions = read_oracle(src)

@@ -25,9 +25,9 @@ def dense_index(tmp_path_factory, oracle_corpus):
     return out
 
 
-def gold_questions(shared_data, n_docs):
+def gold_questions(data_dir, n_docs):
     """Oracle questions whose gold passage is among the first ``n_docs`` corpus passages."""
-    questions = read_oracle(shared_data / "corpus" / "nq-open-oracle.jsonl.gz")
+    questions = read_oracle(data_dir / "corpus" / "nq-open-oracle.jsonl.gz")
     seen, inside = [], []
     for q in questions:
         if q.gold_contents not in seen:
@@ -71,9 +71,9 @@ def test_rebuild_resumes_from_finished_shards(dense_index, tmp_path, oracle_corp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "sq8", "hnsw"])
-def test_each_index_type_finds_the_gold_passage(dense_index, shared_data, kind):
+def test_each_index_type_finds_the_gold_passage(dense_index, data_dir, kind):
     searcher = load_searcher(dense_index, index_type=kind)
-    qs = gold_questions(shared_data, SLICE)
+    qs = gold_questions(data_dir, SLICE)
     results = searcher.search([q.question for q in qs], 3)
     rate = np.mean([any(p.contents == q.gold_contents for p, _ in row) for q, row in zip(qs, results, strict=True)])
     print(f"\nMiniLM {kind} hit@3 on {len(qs)} questions over {SLICE} passages: {rate:.3f}")
@@ -111,10 +111,10 @@ def test_compressed_index_types_keep_recall_on_clustered_vectors():
 
 
 @pytest.mark.slow
-def test_dense_server_end_to_end(dense_index, shared_data, tmp_path):
+def test_dense_server_end_to_end(dense_index, data_dir, tmp_path):
     from sap_retriever.launch import RetrieverServer
 
-    qs = gold_questions(shared_data, SLICE)[:50]
+    qs = gold_questions(data_dir, SLICE)[:50]
     # --compile: the query encoder is compiled (and warmed up) before the server reports ready
     args = ["--index-type", "sq8", "--compile"]
     with RetrieverServer(dense_index, python=sys.executable, extra_args=args, log_path=tmp_path / "log", startup_timeout_s=600) as url:

@@ -59,8 +59,8 @@ def test_client_gets_hits_and_the_searchr1_text(retriever_url):
     assert text.count("\n") == 3
 
 
-def test_gold_passage_hit_at_3_on_the_oracle_questions(retriever_url, shared_data):
-    questions = read_oracle(shared_data / "corpus" / "nq-open-oracle.jsonl.gz")
+def test_gold_passage_hit_at_3_on_the_oracle_questions(retriever_url, data_dir):
+    questions = read_oracle(data_dir / "corpus" / "nq-open-oracle.jsonl.gz")
     client = RetrieverClient(retriever_url, topk=3, timeout_s=60)
     hits = 0
     for i in range(0, len(questions), 256):
@@ -127,8 +127,8 @@ def test_health(retriever_url):
     assert h["requests_served"] >= 0 and "encoder" in h
 
 
-def test_concurrent_burst_is_micro_batched_without_errors(retriever_url, shared_data):
-    questions = [q.question for q in read_oracle(shared_data / "corpus" / "nq-open-oracle.jsonl.gz")[:200]]
+def test_concurrent_burst_is_micro_batched_without_errors(retriever_url, data_dir):
+    questions = [q.question for q in read_oracle(data_dir / "corpus" / "nq-open-oracle.jsonl.gz")[:200]]
     before = httpx.get(f"{retriever_url}/health", timeout=10).json()
 
     async def burst():

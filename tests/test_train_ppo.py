@@ -19,10 +19,10 @@ def overrides_dict(cfg) -> dict[str, str]:
     return dict(o.split("=", 1) for o in stage.hydra_overrides(cfg, "models/x", Path("runs/x/ppo")))
 
 
-def test_load_questions_jsonl_and_parquet(shared_data: Path):
-    qs = stage.load_questions(shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl", limit=5)
+def test_load_questions_jsonl_and_parquet(data_dir: Path):
+    qs = stage.load_questions(data_dir / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl", limit=5)
     assert len(qs) == 5 and all(q.question and q.golden_answers for q in qs)
-    qs = stage.load_questions(shared_data / "nq" / "searchr1_nq_search_test.parquet", limit=3)
+    qs = stage.load_questions(data_dir / "nq" / "searchr1_nq_search_test.parquet", limit=3)
     # one id rule with eval: the position; the record's own id is the source id
     assert [q.id for q in qs] == ["0", "1", "2"] and [q.source_id for q in qs] == ["test_0", "test_1", "test_2"]
     assert [r["extra_info"]["source_id"] for r in stage.verl_records(qs, "train", "searchr1")] == ["test_0", "test_1", "test_2"]
@@ -47,8 +47,8 @@ def test_load_questions_names_file_and_line(tmp_path: Path, line: str, message: 
         stage.load_questions(tmp_path / "missing.jsonl")
 
 
-def test_records_match_searchr1_parquet_layout(shared_data: Path):
-    ref = pd.read_parquet(shared_data / "nq" / "searchr1_nq_search_test.parquet").head(20)
+def test_records_match_searchr1_parquet_layout(data_dir: Path):
+    ref = pd.read_parquet(data_dir / "nq" / "searchr1_nq_search_test.parquet").head(20)
     qs = [stage.Question(r.id, r.question, list(r.golden_answers)) for r in ref.itertuples()]
     records = stage.verl_records(qs, "test", "searchr1")
     for rec, (_, row) in zip(records, ref.iterrows(), strict=True):
@@ -60,8 +60,8 @@ def test_records_match_searchr1_parquet_layout(shared_data: Path):
     assert set(ref.columns) <= set(records[0])
 
 
-def test_build_dataset_writes_parquet(tmp_path: Path, shared_data: Path):
-    nq = shared_data / "nq"
+def test_build_dataset_writes_parquet(tmp_path: Path, data_dir: Path):
+    nq = data_dir / "nq"
     cfg = load_config(
         None, [f"ppo.train_data={nq / 'NQ-open.efficientqa.dev.1.1.jsonl'}", f"ppo.val_data={nq / 'NQ-open.dev.jsonl'}", "ppo.val_limit=10"]
     )
@@ -128,9 +128,9 @@ def test_last_checkpoint(tmp_path: Path):
     assert cmd[1:5] == ["-m", "verl.model_merger", "merge", "--backend"] and str(tmp_path / "global_step_10" / "actor") in cmd
 
 
-def test_cli_errors_are_clear(tmp_path: Path, shared_data: Path):
+def test_cli_errors_are_clear(tmp_path: Path, data_dir: Path):
     runner = CliRunner()
-    nq = shared_data / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl"
+    nq = data_dir / "nq" / "NQ-open.efficientqa.dev.1.1.jsonl"
     base = [
         "--set",
         f"run_root={tmp_path}",

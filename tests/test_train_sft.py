@@ -240,9 +240,9 @@ def test_trainer_log_is_read_incrementally_and_a_torn_line_waits(tmp_path):
 # --- for real: prepare-sft -> LLaMA-Factory LoRA on a tiny Qwen2 -> merged model ---------------
 
 
-def tagged_trajectories(shared_data: Path, path: Path, n: int = 8) -> Path:
+def tagged_trajectories(data_dir: Path, path: Path, n: int = 8) -> Path:
     """Search-R1-style trajectories built from real NQ questions and their gold passages."""
-    with gzip.open(shared_data / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f, path.open("w") as out:
+    with gzip.open(data_dir / "corpus" / "nq-open-oracle.jsonl.gz", "rt", encoding="utf-8") as f, path.open("w") as out:
         for i, line in enumerate(f):
             if i >= n:
                 break
@@ -258,7 +258,7 @@ def tagged_trajectories(shared_data: Path, path: Path, n: int = 8) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_model, shared_data):
+def sft_run(tmp_path_factory, tiny_model, data_dir):
     """prepare-sft then train-sft through the CLI, as a user runs them."""
     root = tmp_path_factory.mktemp("sft-run")
     cfg_file = root / "exp.yaml"
@@ -283,7 +283,7 @@ def sft_run(tmp_path_factory, tiny_model, shared_data):
             }
         )
     )
-    trajectories = tagged_trajectories(shared_data, root / "teacher.jsonl")
+    trajectories = tagged_trajectories(data_dir, root / "teacher.jsonl")
     res = runner.invoke(app, ["prepare-sft", str(trajectories), "--config", str(cfg_file)])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["train-sft", "--config", str(cfg_file)])

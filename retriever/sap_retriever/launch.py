@@ -5,7 +5,7 @@ environments can import it and launch the server with the core environment's int
     with RetrieverServer(index_dir, python=".venv/bin/python") as url:
         RetrieverClient(url).search(["who wrote hamlet?"])
 
-``build_oracle_index`` builds a small index over the shared oracle passages (BM25 in about a
+``build_oracle_index`` builds a small index over the oracle passages in ``data/corpus/`` (BM25 in about a
 second; dense MiniLM over a slice in a few seconds), reusing a finished one.
 """
 
@@ -130,8 +130,8 @@ class RetrieverServer:
         self.stop()
 
 
-def shared_oracle_file() -> Path:
-    return REPO.parent / "shared" / "data" / "corpus" / "nq-open-oracle.jsonl.gz"
+#: NQ-open questions with their gold passages (in the repository; see data/README.md).
+ORACLE_FILE = REPO / "data" / "corpus" / "nq-open-oracle.jsonl.gz"
 
 
 def build_oracle_index(
@@ -148,7 +148,7 @@ def build_oracle_index(
     if (out_dir / "meta.json").is_file():
         return out_dir
     python = python or default_python()
-    oracle = Path(oracle) if oracle else shared_oracle_file()
+    oracle = Path(oracle) if oracle else ORACLE_FILE
     corpus = out_dir.parent / f"{out_dir.name}.corpus.jsonl"
     run = [python, "-m", "sap", "retriever"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -295,7 +295,7 @@ def retriever_convert_oracle(
 
     Example:
 
-        sap retriever convert-oracle --src ../shared/data/corpus/nq-open-oracle.jsonl.gz --out data/oracle_corpus.jsonl
+        sap retriever convert-oracle --src data/corpus/nq-open-oracle.jsonl.gz --out data/oracle_corpus.jsonl
     """
     from sap_retriever.corpus import CorpusError, convert_oracle
 

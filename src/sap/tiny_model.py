@@ -62,6 +62,19 @@ def protocol_texts(questions: Iterable[str], passages: Iterable[tuple[str, str]]
     return texts
 
 
+def oracle_texts(oracle: str | Path, n: int = 400) -> list[str]:
+    """:func:`protocol_texts` of the first ``n`` questions of the NQ-open oracle file
+    (``data/corpus/nq-open-oracle.jsonl.gz``: question, gold passage, answers)."""
+    import gzip
+    import json
+
+    with gzip.open(oracle, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+    return protocol_texts(
+        [r["question"] for r in rows], [(r["ctxs"][0]["title"], r["ctxs"][0]["text"]) for r in rows], [r["answers"][0] for r in rows]
+    )
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE trained on ``texts``, as a ``Qwen2Tokenizer`` with ChatML tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

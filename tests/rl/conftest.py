@@ -1,7 +1,7 @@
 """Fixtures for the tests that run inside the RL environment (``.venv-rl``, marker ``rl_env``).
 
 ``make test`` runs these with ``.venv-rl/bin/python -m pytest -m rl_env``. The retriever
-(BM25 over the shared oracle passages) is built and served by the *core* environment's
+(BM25 over the oracle passages in data/corpus/) is built and served by the *core* environment's
 interpreter (``.venv/bin/python -m sap retriever ...``) through ``sap_retriever.launch``,
 which uses only the standard library and so imports here.
 """
