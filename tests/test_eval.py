@@ -123,6 +123,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_dir, tokenize
     assert full.keys() >= METRIC_KEYS and full["n"] == 12
     assert full["mean_searches"] == 1 and full["mean_turns"] == 2 and full["valid_format_rate"] == 1
     assert 0 < full["em"] < 1 and full["em"] == pytest.approx(sum(len(q.question) % 2 == 0 for q in load_questions(dataset, 12)) / 12)
+    assert full["sap"]["em"] == full["em"] and set(full["paper"]) == {"em", "rouge_l"}  # both metric sets, by name
+    assert (full["metric_set"], full["protocol"], full["dataset_questions"]) == ("sap", "sap", 3610)
 
     cfg = make_cfg(tmp_path / "resumed", dataset, retriever_url, limit=12, max_in_flight=4)
     seen = []

@@ -258,26 +258,29 @@ def score_cmd(
             help="JSONL with golden_answers and prediction|response, or the paper script's JSON list (ground_truth, model_output).",
         ),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: n, em, subem, f1, rouge_l.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: n and the set's metrics.")] = False,
+    metrics_set: Annotated[
+        str,
+        typer.Option("--metrics", help="Metric set: sap (EM, SubEM, F1, ROUGE-L) or paper (compute_metrics.py's EM and ROUGE-L)."),
+    ] = "sap",
 ) -> None:
-    """Score an existing predictions file: EM, SubEM, F1 and ROUGE-L (see README: Metrics).
+    """Score an existing predictions file (see README: Metrics).
 
     Example:
 
         sap score --predictions runs/demo/eval/sft/predictions.jsonl --json
+        sap score --metrics paper --predictions nq_eval_results.json --json
     """
-    from sap.stages.score import PredictionsError, score_file
+    from sap.stages.score import score_file
 
-    try:
-        metrics = score_file(predictions)
-    except PredictionsError as e:
-        fail(str(e))
+    metrics = score_file(predictions, metrics_set)
     if as_json:
         typer.echo(json.dumps(metrics))
         return
-    typer.echo(f"n        {metrics['n']}")
+    typer.echo(f"metrics  {metrics_set}\nn        {metrics['n']}")
     for key, label in (("em", "EM"), ("subem", "SubEM"), ("f1", "F1"), ("rouge_l", "ROUGE-L")):
-        typer.echo(f"{label:<8} {metrics[key]:.4f}")
+        if key in metrics:
+            typer.echo(f"{label:<8} {metrics[key]:.4f}" if metrics[key] is not None else f"{label:<8} -")
 
 
 # --- sap retriever: the retrieval service (retriever/sap_retriever) --------------------------
@@ -561,7 +564,8 @@ def eval_cmd(
             fail(f"interrupted: finished questions are kept in {cfg.run_dir / 'eval' / name}; rerun the same command to resume", code=130)
         log_metrics(cfg, f"eval/{name}", metrics)
         typer.echo(
-            f"{name}: n={metrics['n']} EM={metrics['em']:.4f} ROUGE-L={metrics['rouge_l']:.4f} "
+            f"{name}: n={metrics['n']} sap EM={metrics['em']:.4f} ROUGE-L={metrics['rouge_l']:.4f} "
+            f"paper EM={metrics['paper']['em']:.4f} ROUGE-L={metrics['paper']['rouge_l']:.4f} "
             f"valid={metrics['valid_format_rate']:.3f} searches/q={metrics['mean_searches']:.2f} "
             f"q/s={metrics['questions_per_second']:.2f} -> {cfg.run_dir / 'eval' / name}"
         )

@@ -128,6 +128,12 @@ class PrepareSFTConfig(_Section):
     strict: bool = False
     keep_prompt: bool = False
     """Use each record's own prompt text instead of rebuilding it from the question."""
+    layout: Literal["paper", "sap"] | None = None
+    """Sample layout. ``sap``: tags parsed, validated and re-rendered, the Search-R1 prompt rebuilt
+    from the question. ``paper``: ``make_iterative_sft_data.py`` byte for byte (instruction
+    ``f"{instruction}\\n\\n{input}\\n"`` from the record's own fields, segments between
+    ``<information>`` blocks kept verbatim; AFM tags mapped as ``afm_mhqa_search.py`` does). None:
+    follow the top-level ``protocol``."""
 
 
 class LoraConfig(_Section):
@@ -287,6 +293,10 @@ class EvalConfig(_Section):
     ``<answer>`` of the response. ``paper``: ``infer.py``'s loop exactly (a turn without a search
     ends the episode and is the output, ``max_turns`` counts generations; see docs/eval.md).
     None: follow the top-level ``protocol``."""
+    metrics: Literal["paper", "sap"] | None = None
+    """The metric set ``sap report`` shows (both are always computed and stored in metrics.json).
+    ``sap``: SQuAD EM (Search-R1's reward), SubEM, F1, rouge-score ROUGE-L. ``paper``:
+    ``compute_metrics.py``'s EM and ROUGE-L (see README: Metrics). None: follow ``protocol``."""
 
 
 class EnvironmentsConfig(_Section):
@@ -320,6 +330,16 @@ class ExperimentConfig(_Section):
     def eval_loop(self) -> Literal["paper", "sap"]:
         """The evaluation loop in force: ``eval.loop``, or the ``protocol`` when it is unset."""
         return self.eval.loop or self.protocol
+
+    @property
+    def metric_set(self) -> Literal["paper", "sap"]:
+        """The metric set the report shows: ``eval.metrics``, or the ``protocol`` when unset."""
+        return self.eval.metrics or self.protocol
+
+    @property
+    def sft_layout(self) -> Literal["paper", "sap"]:
+        """The SFT sample layout: ``sft.prepare.layout``, or the ``protocol`` when unset."""
+        return self.sft.prepare.layout or self.protocol
 
     def expand(self, text: str) -> str:
         """Fill ``{experiment}`` and ``{run_dir}`` in a configured path."""

@@ -219,6 +219,16 @@ def extract_answer(response: str) -> str:
     return found[-1].strip() if found else ""
 
 
+def extract_answer_paper(text: str) -> str:
+    """The paper's answer extraction (``compute_metrics.py``/``infer.py``): the text of the
+    *first* ``<answer>`` of ``text`` (its last turn), stripped; with no ``<answer>``, the whole
+    text stripped; ``""`` for an empty or missing text."""
+    if not text:
+        return ""
+    m = _ANSWER_RE.search(text)
+    return m.group(1).strip() if m else text.strip()
+
+
 def extract_queries(response: str) -> list[str]:
     return [q.strip() for q in _SEARCH_RE.findall(response)]
 

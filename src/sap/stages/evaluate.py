@@ -3,8 +3,12 @@
 Writes ``runs/<exp>/eval/<group>/``:
 
 - ``predictions.jsonl``: one line per question, appended (and fsynced) as each finishes;
-- ``metrics.json``: n, em, subem, f1, rouge_l, valid_format_rate, mean_searches, mean_turns,
-  tokens_per_question, questions_per_second, and more;
+- ``metrics.json``: both metric sets under their names, ``sap`` (em, subem, f1, rouge_l) and
+  ``paper`` (em, rouge_l of ``compute_metrics.py``), ``metric_set`` (the one the report shows,
+  from ``eval.metrics``/``protocol``), n and ``dataset_questions`` (the dataset's size: n is
+  smaller when ``eval.limit`` cut it), valid_format_rate, mean_searches, mean_turns,
+  tokens_per_question, questions_per_second, and more. The flat em/subem/f1/rouge_l keys are
+  sap's set (kept for older readers);
 - ``settings.json``: what the predictions depend on (model, with the size and mtime of its
   weight and config files when it is a local folder; dataset, decoding, agent).
 
@@ -31,7 +35,7 @@ from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
 from sap.rules.errors import SapError
 from sap.rules.questions import ANSWER_FIELDS, QUESTION_FIELD, Question, QuestionFileError, read_questions
-from sap.rules.scoring import METRICS, aggregate, score
+from sap.rules.scoring import METRICS, aggregate, paper_aggregate, paper_score, score
 
 PREDICTIONS = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -125,6 +129,9 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics of predictions records (scores recomputed from prediction and gold)."""
     n = len(records)
     out: dict[str, Any] = dict(aggregate(score(r["prediction"], r["golden_answers"]) for r in records))
+    out["sap"] = {m: out[m] for m in METRICS}
+    paper = paper_aggregate(paper_score(r["prediction"], r["golden_answers"]) for r in records)
+    out["paper"] = {"em": paper["em"] or 0.0, "rouge_l": paper["rouge_l"] or 0.0}
 
     def mean(key: str) -> float:
         return sum(float(r[key]) for r in records) / n if n else 0.0
@@ -187,7 +194,8 @@ def evaluate_group(
     group_dir = cfg.run_dir / "eval" / group
     model = group_model(cfg, group)
     fingerprint = settings_fingerprint(cfg, group, engine_name)
-    questions = load_questions(e.dataset, e.limit, e.question_field, e.answer_fields)
+    all_questions = load_questions(e.dataset, None, e.question_field, e.answer_fields)
+    questions = all_questions[: e.limit] if e.limit is not None else all_questions
     pred_path = group_dir / PREDICTIONS
     if restart:
         for name in (PREDICTIONS, METRICS_FILE, SETTINGS_FILE):
@@ -222,6 +230,7 @@ def evaluate_group(
                 for ep in agent.run(todo):
                     rec = ep.record()
                     rec.update(score(rec["prediction"], rec["golden_answers"]).as_dict())
+                    rec.update({f"paper_{k}": v for k, v in paper_score(rec["prediction"], rec["golden_answers"]).as_dict().items()})
                     out.write(rec)
                     done[rec["id"]] = rec
                     n_new += 1
@@ -244,6 +253,9 @@ def evaluate_group(
         model=model,
         engine=engine_name,
         dataset=e.dataset,
+        dataset_questions=len(all_questions),
+        protocol=cfg.protocol,
+        metric_set=cfg.metric_set,
         new_this_run=n_new,
         wall_s_this_run=round(elapsed, 3),
     )

@@ -51,18 +51,64 @@ def collect(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {g: found[g] for g in ordered}
 
 
+METRIC_SET_TEXT = {
+    "paper": "the paper's metrics (EM and ROUGE-L of its `compute_metrics.py`, as in its table 3)",
+    "sap": "sap's metrics (SQuAD EM, as Search-R1's reward; ROUGE-L of the rouge-score package): not the paper's "
+    "normalisation, so not directly comparable with its table 3 (run with `protocol: paper` or `eval.metrics: paper`)",
+}
+
+
+def metric_set_of(m: dict[str, Any]) -> str:
+    """The metric set a group's metrics.json says it reports (older files: sap's)."""
+    return str(m.get("metric_set", "sap"))
+
+
+def headline(m: dict[str, Any], metric_set: str) -> tuple[float, float]:
+    """(EM, ROUGE-L) of a group in the named set; flat keys are sap's (older metrics.json)."""
+    values = m.get(metric_set)
+    if isinstance(values, dict):
+        return float(values["em"]), float(values["rouge_l"])
+    if metric_set != "sap":
+        raise ReportError(f"group {m.get('group', '?')}: metrics.json has no {metric_set!r} metrics (re-run `sap eval` on it)")
+    return float(m["em"]), float(m["rouge_l"])
+
+
+def short_groups(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Warnings for groups evaluated on fewer questions than their dataset has."""
+    out = []
+    for g, m in groups.items():
+        total = m.get("dataset_questions")
+        if isinstance(total, int) and m.get("n", total) < total:
+            out.append(
+                f"`{g}` was evaluated on {m['n']} of the {total} questions of `{m.get('dataset', '?')}` "
+                "(eval.limit, or an unfinished run): its scores are not comparable with a full run."
+            )
+    return out
+
+
 def _row_no(group: str, i: int) -> str:
     return str(PAPER_ORDER.index(group) + 1) if group in PAPER_TABLE else f"+{i}"
 
 
 def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
     lines = [f"# Evaluation report: {experiment}", ""]
+    sets = sorted({metric_set_of(m) for m in groups.values()})
+    metric_set = sets[0] if len(sets) == 1 else "sap"
+    protocols = sorted({str(m.get("protocol", "sap")) for m in groups.values()})
     datasets = sorted({str(m.get("dataset", "?")) for m in groups.values()})
-    lines.append(
-        f"Dataset: {', '.join(f'`{d}`' for d in datasets)}. EM and ROUGE-L as in the paper's table 3; the paper's own numbers (NQ test, 3,610 questions) are in the last two columns."
-    )
+    lines.append(f"Protocol: {', '.join(f'`{p}`' for p in protocols)}. Metrics: `{metric_set}`, {METRIC_SET_TEXT[metric_set]}.")
     lines.append("")
-    head = ["Group", "Configuration", "EM", "ROUGE-L", *(label for _, label, _ in EXTRA_COLUMNS), "paper EM", "paper ROUGE-L"]
+    lines.append(
+        f"Dataset: {', '.join(f'`{d}`' for d in datasets)}. The paper's own numbers (its table 3: NQ test, 3,610 "
+        "questions, its metrics) are in the last two columns."
+    )
+    if len(sets) > 1:
+        lines += ["", f"Warning: the groups were evaluated with different metric sets ({', '.join(sets)}); sap's set is shown for all."]
+    for w in short_groups(groups):
+        lines += ["", f"Warning: {w}"]
+    lines.append("")
+    em_label, rl_label = ("EM (paper)", "ROUGE-L (paper)") if metric_set == "paper" else ("EM (sap)", "ROUGE-L (sap)")
+    head = ["Group", "Configuration", em_label, rl_label, *(label for _, label, _ in EXTRA_COLUMNS), "table 3 EM", "table 3 ROUGE-L"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
     extra_i = 0
@@ -70,7 +116,8 @@ def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
         if g not in PAPER_TABLE:
             extra_i += 1
         config, p_em, p_rl = PAPER_TABLE.get(g, (g, None, None))
-        cells = [_row_no(g, extra_i), f"{config} (`{g}`: `{m.get('model', '?')}`)", f"{m['em']:.4f}", f"{m['rouge_l']:.4f}"]
+        em, rl = headline(m, metric_set)
+        cells = [_row_no(g, extra_i), f"{config} (`{g}`: `{m.get('model', '?')}`)", f"{em:.4f}", f"{rl:.4f}"]
         cells += [fmt.format(m[k]) if k in m else "–" for k, _, fmt in EXTRA_COLUMNS]
         cells += [f"{p_em:.4f}" if p_em is not None else "–", f"{p_rl:.4f}" if p_rl is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -79,9 +126,11 @@ def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
         lines += ["", f"Not evaluated yet: {', '.join(f'`{g}`' for g in missing)} (`sap eval --group NAME`)."]
     lines += [
         "",
-        "Columns: SubEM = a gold answer is contained in the prediction; valid format = the episode ended with an "
+        "Columns: SubEM and F1 are sap's (SQuAD normalisation); SubEM = a gold answer is contained in the prediction; "
+        "valid format = the episode ended with an "
         "`<answer>` and every turn was a search or an answer; searches/q, turns/q and tokens/q (generated tokens) are "
-        "means per question; q/s = questions per second of the last `sap eval` run of the group.",
+        "means per question; q/s = questions per second of the last `sap eval` run of the group. Both metric sets are "
+        "in each group's `metrics.json` (keys `sap` and `paper`).",
         "",
         "![EM and ROUGE-L per group](report.png)",
         "",
@@ -100,15 +149,18 @@ def bar_chart(groups: dict[str, dict[str, Any]], path: Path, title: str) -> Path
     x = np.arange(len(names))
     width = 0.2
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) + 2), 4.2), dpi=120)
+    sets = {metric_set_of(groups[g]) for g in names}
+    metric_set = sets.pop() if len(sets) == 1 else "sap"
+    values = [headline(groups[g], metric_set) for g in names]
     series = [
-        ("EM", [groups[g]["em"] for g in names], "#1f77b4", None),
-        ("ROUGE-L", [groups[g]["rouge_l"] for g in names], "#ff7f0e", None),
-        ("paper EM", [PAPER_TABLE[g][1] if g in PAPER_TABLE else 0.0 for g in names], "#aec7e8", "//"),
-        ("paper ROUGE-L", [PAPER_TABLE[g][2] if g in PAPER_TABLE else 0.0 for g in names], "#ffbb78", "//"),
+        (f"EM ({metric_set})", [v[0] for v in values], "#1f77b4", None),
+        (f"ROUGE-L ({metric_set})", [v[1] for v in values], "#ff7f0e", None),
+        ("table 3 EM", [PAPER_TABLE[g][1] if g in PAPER_TABLE else 0.0 for g in names], "#aec7e8", "//"),
+        ("table 3 ROUGE-L", [PAPER_TABLE[g][2] if g in PAPER_TABLE else 0.0 for g in names], "#ffbb78", "//"),
     ]
     for i, (label, values, color, hatch) in enumerate(series):
         bars = ax.bar(x + (i - 1.5) * width, values, width, label=label, color=color, hatch=hatch, edgecolor="white")
-        if not label.startswith("paper"):
+        if not label.startswith("table 3"):
             ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1)

@@ -3,6 +3,10 @@
 Reads JSONL records with ``golden_answers`` (or ``answer``/``answers``) and either a
 ``prediction`` or a ``response`` (the answer is extracted from it), or the JSON list written
 by the paper's evaluation script (``ground_truth`` and ``model_output``).
+
+``metrics="paper"`` scores the way the paper's ``compute_metrics.py`` does, record rules
+included (see :func:`sap.rules.scoring.paper_record`): a JSON list (or a ``.jsonl`` file),
+output ``n``, ``em``, ``rouge_l``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.errors import SapError
-from sap.rules.scoring import Scores, aggregate, score
+from sap.rules.scoring import METRIC_SETS, Scores, aggregate, paper_aggregate, paper_record, paper_score, score
 from sap.rules.tags import extract_answer
 
 
@@ -82,6 +86,43 @@ def load_predictions(path: str | Path) -> list[tuple[str, list[str]]]:
     return pairs
 
 
-def score_file(path: str | Path) -> dict[str, float | int]:
+def load_paper_records(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(prediction, gold answers) of each record, read as ``compute_metrics.py`` reads them:
+    the file holds one JSON list (a ``.jsonl`` file: one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise PredictionsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PredictionsError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(data, list):
+            raise PredictionsError(f"{path}: the prediction JSON must contain a list of records (the paper's infer.py output)")
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    pairs = []
+    for where, r in records:
+        try:
+            pairs.append(paper_record(r))
+        except ValueError as e:
+            raise PredictionsError(f"{where}: {e}") from None
+    return pairs
+
+
+def score_file(path: str | Path, metrics: str = "sap") -> dict[str, float | int | None]:
+    """Mean metrics of a predictions file with the named metric set (``sap`` or ``paper``)."""
+    if metrics == "paper":
+        return paper_aggregate(paper_score(pred, gold) for pred, gold in load_paper_records(path))
+    if metrics != "sap":
+        raise PredictionsError(f"--metrics {metrics}: unknown metric set (expected {' or '.join(METRIC_SETS)})")
     rows: list[Scores] = [score(pred, gold) for pred, gold in load_predictions(path)]
     return aggregate(rows)
