@@ -87,7 +87,7 @@ def test_loads_nq_jsonl_parquet_and_multihop(data_dir):
 def test_bad_dataset_errors_name_file_line_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2"}\n')
-    with pytest.raises(EvalError, match=r"bad\.jsonl:2: missing field 'answer' \(or 'answers', 'golden_answers'\)"):
+    with pytest.raises(EvalError, match=r"bad\.jsonl:2: missing field 'answer' \(or 'answers', 'golden_answers', 'ground_truth'\)"):
         load_questions(bad)
     bad.write_text('{"question": "q1", "answer": ["a"]}\n{not json\n')
     with pytest.raises(EvalError, match=r"bad\.jsonl:2: not valid JSON"):

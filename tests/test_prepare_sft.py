@@ -117,7 +117,10 @@ MALFORMED = [
     ('["a list"]', "record is a JSON list"),
     ('{"question": "q"}', "no trajectory"),
     ('{"question": "q", "trajectory": 5}', "field 'trajectory' must be a string"),
-    ('{"question": "q", "golden_answers": 3, "trajectory": "<answer>a</answer>"}', "field 'golden_answers' must be a string or a list"),
+    (
+        '{"question": "q", "golden_answers": 3, "trajectory": "<answer>a</answer>"}',
+        "field 'golden_answers' must be a string or a non-empty list of strings",
+    ),
     ('{"trajectory": "<answer>a</answer>"}', "no question found"),
     ('{"question": "q", "trajectory": "<think>a</think>"}', "no final <answer>"),
     ('{"question": "q", "trajectory": "<search>s</search><answer>a</answer>"}', "has no <information> after it"),

@@ -3,6 +3,7 @@ share: JSONL and Search-R1 parquet, ids, ``limit``, and errors naming file, line
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -62,7 +63,7 @@ def test_custom_field_names(tmp_path):
         ('{"question": null, "answer": ["x"]}', r"bad\.jsonl:2: missing field 'question'$"),
         ('{"question": "  ", "answer": ["x"]}', r"bad\.jsonl:2: field 'question' must be a non-empty string"),
         ('{"question": 5, "answer": ["x"]}', r"bad\.jsonl:2: field 'question' must be a non-empty string, got '5'"),
-        ('{"question": "q"}', r"bad\.jsonl:2: missing field 'answer' \(or 'answers', 'golden_answers'\)$"),
+        ('{"question": "q"}', r"bad\.jsonl:2: missing field 'answer' \(or 'answers', 'golden_answers', 'ground_truth'\)$"),
         ('{"question": "q", "answer": null}', r"bad\.jsonl:2: missing field 'answer'"),
         ('{"question": "q", "answer": []}', r"bad\.jsonl:2: field 'answer' must be a string or a non-empty list of strings"),
         ('{"question": "q", "golden_answers": [1]}', r"bad\.jsonl:2: field 'golden_answers' must be a string or a non-empty list"),
@@ -124,7 +125,7 @@ def test_searchr1_parquet(data_dir):
         ({"query": ["a"], "golden_answers": [["x"]]}, r"q\.parquet: no column 'question' \(columns: query, golden_answers\)"),
         (
             {"question": ["a"], "gold": [["x"]]},
-            r"q\.parquet: no column 'answer' \(or 'answers', 'golden_answers'\) \(columns: question, gold\)",
+            r"q\.parquet: no column 'answer' \(or 'answers', 'golden_answers', 'ground_truth'\) \(columns: question, gold\)",
         ),
         ({"question": ["a", None], "golden_answers": [["x"], ["y"]]}, r"q\.parquet: row 1: missing field 'question'"),
         ({"question": ["a", ""], "golden_answers": [["x"], ["y"]]}, r"q\.parquet: row 1: field 'question' must be a non-empty string"),
@@ -146,3 +147,42 @@ def test_one_question_type_everywhere():
     from sap.agent.loop import Question as AgentQuestion
 
     assert AgentQuestion is Question is evaluate.Question is train_ppo.Question
+
+
+@pytest.mark.parametrize(
+    ("fields", "gold"),
+    [
+        ({"golden_answers": ["paris", "b"], "answer": "x"}, ["paris", "b"]),  # the first field present wins
+        ({"golden_answers": None, "answers": ("paris",)}, ["paris"]),  # a null field is absent
+        ({"ground_truth": {"target": ["paris"]}}, ["paris"]),  # Search-R1's reward_model.ground_truth
+        ({"answer": "paris"}, ["paris"]),
+        ({"answer": []}, "must be a string or a non-empty list of strings"),
+        ({"answers": ["paris", 2]}, "must be a string or a non-empty list of strings"),
+    ],
+)
+def test_one_gold_answer_rule_for_questions_predictions_trajectories_and_reward(tmp_path, fields, gold):
+    """The question reader, ``sap score``, prepare-sft's trajectory reader and the PPO reward read
+    gold answers by the same rule: the same answers, or the same error."""
+    from sap.rl.reward import compute_score
+    from sap.stages.score import PredictionsError, load_predictions
+    from sap.stages.trajectory_io import BadRecord, Where, record_to_episode
+
+    record = {"question": "q", "prediction": "paris", "trajectory": "<answer> paris </answer>", **fields}
+    path = write_jsonl(tmp_path / "r.jsonl", json.dumps(record))
+    readers = [
+        (lambda: read_questions(path)[0].golden_answers, QuestionFileError),
+        (lambda: load_predictions(path)[0][1], PredictionsError),
+        (lambda: list(record_to_episode(record, Where(str(path), 1)).golden_answers), BadRecord),
+    ]
+    for read, error in readers:
+        if isinstance(gold, list):
+            assert read() == gold
+        else:
+            with pytest.raises(error, match=gold):
+                read()
+    value = next(v for k, v in fields.items() if v is not None)
+    if isinstance(gold, list):
+        assert compute_score("nq", "<answer> Paris </answer>", value)["em"] == 1.0
+    else:
+        with pytest.raises(QuestionFileError, match=gold):
+            compute_score("nq", "<answer> Paris </answer>", value)

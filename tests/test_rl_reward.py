@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sap.rl.reward import compute_score, gold_answers, trajectory_format
+from sap.rl.reward import compute_score, trajectory_format
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
+from sap.rules.questions import gold_answers
 
 INFO_PARIS = information_block('Doc 1(Title: "France") Paris is the capital of France.\n')
 INFO_OTHER = information_block('Doc 1(Title: "Lyon") Lyon is a city.\n')
@@ -71,7 +72,8 @@ def test_format_check_uses_the_shared_grammar():
 def test_gold_answer_forms_and_bad_options():
     assert gold_answers({"target": np.array(["a", "b"], dtype=object)}) == ["a", "b"]
     assert gold_answers(["a"]) == ["a"] and gold_answers("a") == ["a"]
-    with pytest.raises(TypeError):
-        gold_answers(3)
+    for bad in (3, [], {"target": []}, ["a", 1]):
+        with pytest.raises(ValueError, match="must be a string or a non-empty list of strings"):
+            gold_answers(bad)
     with pytest.raises(ValueError, match="unknown reward"):
         compute_score("nq", GOOD, GOLD, reward="f1")

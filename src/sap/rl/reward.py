@@ -16,23 +16,12 @@ ill-formed but ends with an answer, else 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from sap.rules.questions import gold_answers
 from sap.rules.scoring import em, subem
 from sap.rules.tags import ANSWER, INFORMATION, SEARCH, extract_answer, parse, validate, without_invalid_messages
-
-
-def gold_answers(ground_truth: Any) -> list[str]:
-    """``{"target": [...]}`` (Search-R1 parquet), a list, or one string -> list of strings."""
-    if isinstance(ground_truth, Mapping):
-        ground_truth = ground_truth.get("target", ground_truth.get("answers", []))
-    if isinstance(ground_truth, str):
-        return [ground_truth]
-    if isinstance(ground_truth, Sequence) or hasattr(ground_truth, "tolist"):
-        values = ground_truth.tolist() if hasattr(ground_truth, "tolist") else list(ground_truth)
-        return [str(g) for g in values]
-    raise TypeError(f"ground truth must be a string, a list or {{'target': [...]}}, got {type(ground_truth).__name__}")
 
 
 def trajectory_format(response: str, invalid_actions: int = 0) -> tuple[bool, list[str]]:
@@ -76,7 +65,7 @@ def compute_score(
     if reward not in ("em", "em_format"):
         raise ValueError(f"unknown reward {reward!r}: expected 'em' or 'em_format'")
     extra = dict(extra_info or {})
-    golds = gold_answers(ground_truth)
+    golds = gold_answers(ground_truth, "reward", "reward_model.ground_truth")
     answer = extract_answer(solution_str)
     correct = em(answer, golds)
     invalid = _int(extra, "sap_invalid_actions")

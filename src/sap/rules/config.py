@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sap.rules.errors import SapError
+from sap.rules.questions import ANSWER_FIELDS
 
 
 class ConfigError(SapError, ValueError):
@@ -285,7 +286,7 @@ class EvalConfig(_Section):
     vllm: dict[str, Any] = {}
     """Further ``vllm.LLM`` keyword arguments, passed through."""
     question_field: str = "question"
-    answer_fields: list[str] = ["golden_answers", "answer", "answers"]
+    answer_fields: list[str] = list(ANSWER_FIELDS)
     """Dataset keys tried, in order, for the gold answers."""
     loop: Literal["paper", "sap"] | None = None
     """Evaluation loop rules. ``sap``: an invalid turn gets a correction message and the episode

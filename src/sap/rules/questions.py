@@ -2,14 +2,20 @@
 
 Two layouts are read:
 
-- JSONL, one object per line: ``question`` and gold answers in ``golden_answers``, ``answer``
-  or ``answers`` (the first present wins), each a string or a non-empty list of strings
-  (NQ-open, FlashRAG, R1-Searcher files); blank lines are skipped;
+- JSONL, one object per line: ``question`` and gold answers in ``golden_answers``, ``answer``,
+  ``answers`` or ``ground_truth`` (NQ-open, FlashRAG, R1-Searcher files); blank lines
+  are skipped;
 - a Search-R1 parquet (``question``, ``golden_answers``, ...), any ``.parquet`` file.
 
 A question's ``id`` is its 0-based position in the file (blank lines not counted): eval
 predictions are keyed by it, so it must not depend on what the records contain. The record's
 own ``id`` (or ``idx``), when it has one, is kept as ``meta["source_id"]``.
+
+Gold answers follow one rule wherever a record carries them (question files, predictions files,
+teacher trajectories, the PPO reward's ground truth): :func:`find_gold_answers` takes the first of
+:data:`ANSWER_FIELDS` that is present and not null, and :func:`gold_answers` reads its value: a
+string, a non-empty list of strings (or a numpy array of them, as parquet gives), or Search-R1's
+``{"target": [...]}``. Anything else, the empty list included, is an error naming the field.
 
 Errors are :class:`QuestionFileError`, and name the file and the line (JSONL) or row (parquet)
 and the field. Stages re-raise them as their own error types.
@@ -27,8 +33,8 @@ from typing import Any
 from sap.rules.errors import SapError
 
 QUESTION_FIELD = "question"
-ANSWER_FIELDS: tuple[str, ...] = ("golden_answers", "answer", "answers")
-"""Where gold answers are looked for, in this order."""
+ANSWER_FIELDS: tuple[str, ...] = ("golden_answers", "answer", "answers", "ground_truth")
+"""Where gold answers are looked for, in this order (the first present and not null wins)."""
 
 
 @dataclass
@@ -62,18 +68,31 @@ def _fields(names: Sequence[str]) -> str:
     return repr(first) + (f" (or {', '.join(map(repr, rest))})" if rest else "")
 
 
-def _answers(value: Any, where: str, key: str) -> list[str]:
-    if hasattr(value, "tolist"):  # numpy arrays from parquet
-        value = value.tolist()
+def gold_answers(value: Any, where: str = "", key: str = "golden_answers", error: type[Exception] = QuestionFileError) -> list[str]:
+    """The gold answers of one field's value: a string, a non-empty list (tuple, numpy array) of
+    strings, or ``{"target": ...}`` holding one. Otherwise raises ``error`` with a message that
+    starts with ``where`` and names ``key``."""
     if isinstance(value, dict) and "target" in value:  # reward_model.ground_truth layout
         value = value["target"]
-        if hasattr(value, "tolist"):
-            value = value.tolist()
+    if hasattr(value, "tolist"):  # numpy arrays from parquet
+        value = value.tolist()
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise QuestionFileError(f"{where}: field {key!r} must be a string or a non-empty list of strings, got {str(value)[:80]!r}")
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    prefix = f"{where}: " if where else ""
+    raise error(f"{prefix}field {key!r} must be a string or a non-empty list of strings, got {str(value)[:80]!r}")
+
+
+def find_gold_answers(
+    record: dict[str, Any], where: str = "", fields: Sequence[str] = ANSWER_FIELDS, error: type[Exception] = QuestionFileError
+) -> list[str] | None:
+    """The gold answers of a record: the first of ``fields`` present and not null, read by
+    :func:`gold_answers`; None when the record has none of them."""
+    for key in fields:
+        if not _missing(record.get(key)):
+            return gold_answers(record[key], where, key, error)
+    return None
 
 
 def parse_record(
@@ -88,11 +107,8 @@ def parse_record(
         raise QuestionFileError(f"{where}: missing field {question_field!r}")
     if not isinstance(q, str) or not q.strip():
         raise QuestionFileError(f"{where}: field {question_field!r} must be a non-empty string, got {str(q)[:80]!r}")
-    for key in answer_fields:
-        if not _missing(record.get(key)):
-            gold = _answers(record[key], where, key)
-            break
-    else:
+    gold = find_gold_answers(record, where, answer_fields)
+    if gold is None:
         raise QuestionFileError(f"{where}: missing field {_fields(answer_fields)}")
     meta = {}
     for key in ("id", "idx"):
@@ -150,4 +166,14 @@ def read_questions(
     return out
 
 
-__all__ = ["ANSWER_FIELDS", "QUESTION_FIELD", "Question", "QuestionFileError", "QuestionFileNotFound", "parse_record", "read_questions"]
+__all__ = [
+    "ANSWER_FIELDS",
+    "QUESTION_FIELD",
+    "Question",
+    "QuestionFileError",
+    "QuestionFileNotFound",
+    "find_gold_answers",
+    "gold_answers",
+    "parse_record",
+    "read_questions",
+]

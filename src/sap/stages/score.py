@@ -1,6 +1,7 @@
 """``sap score``: metrics of an existing predictions file.
 
-Reads JSONL records with ``golden_answers`` (or ``answer``/``answers``) and either a
+Reads JSONL records with gold answers (``golden_answers``, ``answer``, ...: the one rule of
+:mod:`sap.rules.questions`) and either a
 ``prediction`` or a ``response`` (the answer is extracted from it), or the JSON list written
 by the paper's evaluation script (``ground_truth`` and ``model_output``).
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.errors import SapError
+from sap.rules.questions import ANSWER_FIELDS, find_gold_answers
 from sap.rules.scoring import METRIC_SETS, Scores, aggregate, paper_aggregate, paper_record, paper_score, score
 from sap.rules.tags import extract_answer
 
@@ -24,22 +26,14 @@ class PredictionsError(SapError, ValueError):
     pass
 
 
-_GOLD_KEYS = ("golden_answers", "ground_truth", "answers", "answer")
 _RESPONSE_KEYS = ("response", "model_output")
 
 
 def _gold(record: dict[str, Any], where: str) -> list[str]:
-    for key in _GOLD_KEYS:
-        if key in record:
-            value = record[key]
-            if isinstance(value, dict) and "target" in value:
-                value = value["target"]
-            if isinstance(value, str):
-                return [value]
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return value
-            raise PredictionsError(f"{where}: field {key!r} must be a string or a list of strings")
-    raise PredictionsError(f"{where}: no gold answers (expected one of {', '.join(_GOLD_KEYS)})")
+    gold = find_gold_answers(record, where, error=PredictionsError)
+    if gold is None:
+        raise PredictionsError(f"{where}: no gold answers (expected one of {', '.join(ANSWER_FIELDS)})")
+    return gold
 
 
 def _prediction(record: dict[str, Any], where: str) -> str:

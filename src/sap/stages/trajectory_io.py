@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.errors import SapError
+from sap.rules.questions import find_gold_answers
 from sap.rules.tags import INFORMATION
 
 
@@ -72,7 +73,6 @@ class ReadItem:
 _QUESTION_RE = re.compile(r"Question:\s*(.+?)\s*$", re.DOTALL)
 _CHATML_RE = re.compile(r"<\|im_start\|>(\w+)\n?(.*?)(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)", re.DOTALL)
 _TRAJECTORY_KEYS = ("trajectory", "output", "response", "text")
-_GOLD_KEYS = ("golden_answers", "answer", "answers", "gold", "ground_truth")
 
 
 def question_from_prompt(prompt: str) -> str | None:
@@ -85,17 +85,8 @@ def question_from_prompt(prompt: str) -> str | None:
 
 
 def _golds(record: dict[str, Any]) -> tuple[str, ...]:
-    for key in _GOLD_KEYS:
-        if key in record and record[key] is not None:
-            value = record[key]
-            if isinstance(value, dict) and "target" in value:  # verl reward_model.ground_truth
-                value = value["target"]
-            if isinstance(value, str):
-                return (value,)
-            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-                return tuple(value)
-            raise BadRecord(f"field {key!r} must be a string or a list of strings")
-    return ()
+    """The record's gold answers (the rule of :mod:`sap.rules.questions`); () when it has none."""
+    return tuple(find_gold_answers(record, error=BadRecord) or ())
 
 
 def split_chatml(text: str) -> list[dict[str, str]]:
