@@ -209,6 +209,41 @@ def prepare_sft_cmd(
         fail(f"no samples written: every trajectory was rejected (report: {out_dir / stage.REPORT_FILE})", code=1)
 
 
+@app.command("collect")
+def collect_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: collect.out (runs/<experiment>/collect)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N questions of collect.dataset.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard earlier samples in the output folder and start over.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Teacher trajectories on the training questions, filtered the Always-Search way, ready for prepare-sft.
+
+    The teacher (collect.teacher: an OpenAI-compatible endpoint, or a local vllm/hf model) plays
+    sap's agent loop with the retriever. Writes samples.jsonl (every sample, with each filter's
+    verdict), trajectories.jsonl (the kept ones, for prepare-sft) and collect_report.json.
+    Re-running resumes. See docs/collect.md.
+
+    Example:
+
+        sap collect --config configs/paper/nq_qwen2.5-3b.yaml --set collect.limit=100
+    """
+    from sap.rules.rundir import record_run
+    from sap.stages.collect import collect
+
+    cfg = resolve_config(config, [*(set_ or []), *([f"collect.limit={limit}"] if limit else [])])
+    record_run(cfg, "collect")
+    r = collect(cfg, out, restart=restart, progress=sys.stderr.isatty()).report
+    typer.echo(
+        f"{r['samples_done']}/{r['samples_planned']} samples ({r['this_run']['new_samples']} new), "
+        f"{r['kept']} kept ({r['keep_rate']:.0%} of {r['samples_ok']}), {r['failed']} failed, {r['mean_searches']:.2f} searches/sample"
+        + (f", ~${r['cost']['usd']:.2f}" if r["cost"] else "")
+        + f" -> {r['outputs']['trajectories']}"
+    )
+    if r["samples_done"] and not r["samples_ok"]:
+        fail(f"every sample failed ({r['failure_reasons']}); see {r['outputs']['samples']}", code=1)
+
+
 @app.command("train-sft")
 def train_sft_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="prepare-sft output folder. Default: runs/<experiment>/sft/data")] = None,

@@ -72,6 +72,8 @@ class Turn:
     finish_reason: str
     observation: str = ""
     """What was appended after the turn (information block or invalid-action message)."""
+    prompt_tokens: int = 0
+    """Context tokens the turn was generated from (a remote engine's billed prompt tokens)."""
 
 
 @dataclass
@@ -222,6 +224,10 @@ class SearchAgent:
         self.generate_calls += 1
         searching: list[tuple[Episode, str]] = []
         for ep, gen in zip(active, gens, strict=True):
+            if gen.finish_reason == "error":  # the engine gave up on this turn: the episode fails
+                ep.stop_reason = "engine_error"
+                ep.question.meta["engine_error"] = (gen.error or "unknown")[:500]
+                continue
             kept = gen
             if not s.use_stop_strings:  # cut afterwards, as Search-R1 does
                 kept = _cut_after(self.engine, gen)
@@ -229,6 +235,7 @@ class SearchAgent:
             ep.response += kept.text
             action = parse_action(kept.text)
             turn = Turn(kept.text, action.kind, action.content if action.kind == "search" else None, gen.num_generated, gen.finish_reason)
+            turn.prompt_tokens = gen.prompt_tokens if gen.prompt_tokens is not None else len(ep.context_ids) - len(kept.token_ids)
             ep.turns.append(turn)
             last_turn = len(ep.turns) > s.max_turns
             if action.kind == "answer":

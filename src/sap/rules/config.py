@@ -300,6 +300,88 @@ class EvalConfig(_Section):
     ``compute_metrics.py``'s EM and ROUGE-L (see README: Metrics). None: follow ``protocol``."""
 
 
+class TeacherConfig(_Section):
+    """The teacher of ``sap collect``: a local model through sap's engines, or any
+    OpenAI-compatible chat endpoint (``vllm serve``, a hosted API)."""
+
+    engine: Literal["openai", "vllm", "hf"] = "openai"
+    """``openai``: POST {base_url}/chat/completions. ``vllm``/``hf``: a local model in-process
+    (engine settings such as dtype, tensor_parallel_size and ``vllm`` pass-through from ``eval``)."""
+    model: str = "Qwen/Qwen2.5-72B-Instruct"
+    """The served model name (``openai``) or a local model path (``vllm``/``hf``)."""
+    base_url: str = "http://127.0.0.1:8001/v1"
+    """OpenAI-compatible API root (the part before ``/chat/completions``)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (e.g. OPENAI_API_KEY); None: no key sent."""
+    max_concurrency: int = Field(16, ge=1)
+    """Requests in flight to the endpoint at once."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Timeout of one request."""
+    max_retries: int = Field(4, ge=0)
+    """Retries of a request after a timeout, a connection error, HTTP 408/409/425/429 or 5xx; then the sample is recorded as failed."""
+    backoff_s: float = Field(1.0, ge=0)
+    """First retry delay; doubled at each retry (a Retry-After header is honoured, up to 60 s)."""
+    send_stop: bool = True
+    """Send ``</search>``/``</answer>`` as stop strings (False for APIs that reject ``stop``);
+    the turn is cut at the first of them either way."""
+    send_seed: bool = True
+    """Send a per-turn ``seed`` (vLLM and OpenAI honour it)."""
+    system_prompt: str | None = None
+    """A system message before the Search-R1 prompt (e.g. an Always-Search instruction); None: none."""
+    observation_role: Literal["user", "assistant"] = "user"
+    """``user``: each observation is a user message after the assistant's turn. ``assistant``: it is
+    appended to the assistant's message, which the endpoint must continue (vLLM:
+    ``extra_body: {continue_final_message: true, add_generation_prompt: false}``)."""
+    extra_body: dict[str, Any] = {}
+    """Further request fields, passed through (e.g. ``{include_stop_str_in_output: true}`` for vLLM)."""
+    price_input_per_mtok: float | None = Field(None, ge=0)
+    """USD per million prompt tokens, for the report's cost estimate (None: no estimate)."""
+    price_output_per_mtok: float | None = Field(None, ge=0)
+    """USD per million completion tokens."""
+
+
+class CollectFiltersConfig(_Section):
+    """The Always-Search filters; each is off unless set. A trajectory is kept when it passes all."""
+
+    min_f1: float | None = Field(None, ge=0, le=1)
+    """Answer token F1 against the gold answers at least this (the paper: 0.65)."""
+    require_search: bool = False
+    """At least one search."""
+    always_search: bool = False
+    """A search comes before any ``<answer>`` (no answer, not even a tentative one, before the first search)."""
+    reject_phrases: list[str] = []
+    """Reject when the reasoning contains one of these (case-insensitive), e.g. "I remember"."""
+    valid_format: bool = False
+    """Ends with an answer, every turn a search or an answer, and prepare-sft's tag grammar accepts it."""
+
+
+class CollectConfig(_Section):
+    """``sap collect``: teacher trajectories on training questions, filtered, ready for prepare-sft."""
+
+    dataset: str = "data/nq/train.jsonl"
+    """Question file (JSONL or Search-R1 parquet, as eval reads)."""
+    limit: int | None = Field(None, ge=1)
+    """First N questions only."""
+    question_field: str = "question"
+    answer_fields: list[str] = ["golden_answers", "answer", "answers"]
+    samples_per_question: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_turns: int = Field(5, ge=1)
+    """Search rounds per trajectory (one more turn for the answer), as ``eval.max_turns``."""
+    max_new_tokens: int = Field(1024, ge=1)
+    """Token cap of one teacher turn."""
+    max_in_flight: int = Field(64, ge=1)
+    """Trajectories in progress at once (the agent loop's batch)."""
+    max_model_len: int = Field(8192, ge=16)
+    """Context limit for a local teacher (an endpoint applies its own)."""
+    seed: int = 0
+    out: str = "{run_dir}/collect"
+    """Output folder (``sap collect --out`` overrides)."""
+    teacher: TeacherConfig = TeacherConfig()
+    filters: CollectFiltersConfig = CollectFiltersConfig()
+
+
 class EnvironmentsConfig(_Section):
     sft_python: str = ".venv-sft/bin/python"
     rl_python: str = ".venv-rl/bin/python"
@@ -321,6 +403,7 @@ class ExperimentConfig(_Section):
     sft: SFTConfig = SFTConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
+    collect: CollectConfig = CollectConfig()
     environments: EnvironmentsConfig = EnvironmentsConfig()
 
     @property

@@ -233,6 +233,28 @@ def extract_queries(response: str) -> list[str]:
     return [q.strip() for q in _SEARCH_RE.findall(response)]
 
 
+def cut_at_stop(turn: str) -> tuple[str, str | None]:
+    """A turn generated without stop strings, cut right after the first ``</search>`` or
+    ``</answer>`` (what a stop string would have done); returns (text, stop string or None)."""
+    hits = [(turn.find(s), s) for s in STOP_STRINGS if s in turn]
+    if not hits:
+        return turn, None
+    pos, stop = min(hits)
+    return turn[: pos + len(stop)], stop
+
+
+def unclosed_stop(turn: str) -> str | None:
+    """The stop string an API removed from a turn it stopped: the closing tag of a
+    ``<search>``/``<answer>`` left open at the end of ``turn`` (None if none is open)."""
+    best: tuple[int, str] | None = None
+    for stop in STOP_STRINGS:
+        opening = stop.replace("/", "", 1)
+        at = turn.rfind(opening)
+        if at >= 0 and turn.rfind(stop) < at and (best is None or at > best[0]):
+            best = (at, stop)
+    return best[1] if best else None
+
+
 @dataclass(frozen=True)
 class TurnAction:
     kind: str  # "search", "answer" or "invalid"

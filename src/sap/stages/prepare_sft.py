@@ -62,15 +62,25 @@ def episode_samples(steps_actions: Sequence, prompt: str) -> list[dict[str, str]
     return samples
 
 
+def search_count(steps: Sequence) -> int:
+    """Searches in a parsed trajectory (the ``require_search`` filter; also used by collect)."""
+    return sum(1 for s in steps if s.kind == SEARCH)
+
+
+def rejected_phrase(steps: Sequence, phrases: Sequence[str]) -> str | None:
+    """The first of ``phrases`` found (case-insensitive) in the reasoning (think and untagged
+    text) of a parsed trajectory (the ``reject_phrases`` filter; also used by collect)."""
+    reasoning = " ".join(s.content for s in steps if s.kind in (THINK, TEXT)).lower()
+    return next((p for p in phrases if p.lower() in reasoning), None)
+
+
 def _filter_reason(episode: Episode, steps: Sequence, cfg: PrepareSFTConfig) -> str | None:
-    n_search = sum(1 for s in steps if s.kind == SEARCH)
-    if cfg.require_search and n_search == 0:
+    if cfg.require_search and search_count(steps) == 0:
         return "no search (--require-search)"
     if cfg.reject_phrases:
-        reasoning = " ".join(s.content for s in steps if s.kind in (THINK, TEXT)).lower()
-        for phrase in cfg.reject_phrases:
-            if phrase.lower() in reasoning:
-                return f"reasoning contains {phrase!r} (--reject-phrase)"
+        phrase = rejected_phrase(steps, cfg.reject_phrases)
+        if phrase is not None:
+            return f"reasoning contains {phrase!r} (--reject-phrase)"
     if cfg.min_f1 is not None and episode.golden_answers:
         answer = next(s.content for s in reversed(steps) if s.kind == ANSWER)
         score = f1(answer, episode.golden_answers)

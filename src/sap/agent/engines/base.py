@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-FinishReason = Literal["stop", "eos", "length"]
+FinishReason = Literal["stop", "eos", "length", "error"]
+"""``error``: the engine could not generate this turn (a remote teacher kept failing); the
+agent ends the episode with ``stop_reason="engine_error"``."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Generation:
     tokens after a stop string that were cut off."""
     stop: str | None = None
     """The stop string that ended the turn (``finish_reason == "stop"``)."""
+    prompt_tokens: int | None = None
+    """Prompt tokens the engine was charged for (a remote endpoint's usage); None: the context length."""
+    error: str | None = None
+    """Why the turn failed (``finish_reason == "error"``)."""
 
 
 @runtime_checkable
