@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sap.rules.atomic import atomic_write_json
+from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.errors import SapError
 
 
@@ -122,18 +122,14 @@ def convert_oracle(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     """Write the gold passages of the oracle file as a Search-R1 corpus (ids ``0..n-1``,
     identical passages kept once). Returns the number of passages written."""
     seen: set[str] = set()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for q in read_oracle(src):
             if q.gold_contents in seen:
                 continue
             seen.add(q.gold_contents)
             f.write(json.dumps({"id": str(n), "contents": q.gold_contents}, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, out)
     return n
 
 
@@ -184,8 +180,9 @@ def write_store(passages: Iterable[Passage], out_dir: str | os.PathLike[str], so
         contents.add(p.contents)
         ids.add(p.id)
         n += 1
-    np.save(out_dir / "contents.offsets.npy", contents.close())
-    np.save(out_dir / "ids.offsets.npy", ids.close())
+    for name, blob in (("contents.offsets.npy", contents), ("ids.offsets.npy", ids)):
+        with atomic_path(out_dir / name) as tmp, tmp.open("wb") as f:
+            np.save(f, blob.close())
     atomic_write_json(out_dir / "store.json", {"n": n, "source": source})
     return n
 

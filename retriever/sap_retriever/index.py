@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sap.rules.atomic import atomic_write_json
+from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.config import EncoderConfig, RetrieverIndexConfig
 from sap.rules.errors import SapError
 from sap_retriever.corpus import CorpusError, Passage, PassageStore, read_passages, write_store
@@ -62,12 +62,8 @@ def _source_key(corpus: Path, limit: int | None) -> str:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def embed_corpus(
@@ -158,9 +154,8 @@ def build_faiss(kind: str, vectors_iter, dim: int, n: int, cfg: RetrieverIndexCo
 def write_faiss(index, path: Path) -> None:
     import faiss
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def _train_sample(out: Path, n_max: int = 200_000) -> np.ndarray:
@@ -229,13 +224,8 @@ def _build_bm25(store: PassageStore, out: Path, progress: bool) -> None:
     tokens = bm25s.tokenize(list(store.iter_contents()), stopwords=BM25_STOPWORDS, show_progress=progress)
     model = bm25s.BM25()
     model.index(tokens, show_progress=progress)
-    tmp = out.with_name(f".{out.name}.tmp")
-    model.save(str(tmp))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        model.save(str(tmp))
 
 
 # --- searching ------------------------------------------------------------------------------

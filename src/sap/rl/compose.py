@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
 
+    from sap.rules.atomic import atomic_write_text
+
     overrides = json.loads(Path(args.overrides).read_text(encoding="utf-8"))
     try:
         config = compose(overrides)
@@ -101,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # VeRL raises AssertionError/ValueError/hydra errors: report them all
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(config), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(args.out, OmegaConf.to_yaml(config))
     print("VeRL config valid (" + "; ".join(notes) + ")")
     return 0
 

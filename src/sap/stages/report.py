@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sap.rules.atomic import atomic_write_text
+from sap.rules.atomic import atomic_path, atomic_write_text
 from sap.rules.errors import SapError
 
 #: Table 3 of the paper (NQ test, 3,610 questions): group -> (configuration, EM, ROUGE-L).
@@ -169,11 +169,11 @@ def bar_chart(groups: dict[str, dict[str, Any]], path: Path, title: str) -> Path
     ax.legend(ncols=4, fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return path
 
 

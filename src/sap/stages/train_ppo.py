@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from sap.rules.atomic import atomic_write_text
+from sap.rules.atomic import atomic_path, atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.rules.errors import SapError
 from sap.rules.prompts import chat_messages, normalize_question
@@ -82,10 +82,8 @@ def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
     """Atomic parquet write (temporary name, then rename)."""
     import pandas as pd
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
 
 
 def build_dataset(cfg: ExperimentConfig, out_dir: Path) -> dict[str, int]:

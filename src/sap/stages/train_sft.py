@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from sap.rules.atomic import atomic_write_json, atomic_write_text
+from sap.rules.atomic import atomic_path, atomic_write_json, atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.rules.errors import SapError
 from sap.stages.prepare_sft import DATA_FILE, DATASET_INFO_FILE, DATASET_NAME, dataset_info
@@ -623,33 +623,23 @@ def train_sft(
 def merge_adapter(train: dict[str, Any], paths: SFTPaths, env: SFTEnvironment, child_env: dict[str, str]) -> Path:
     """``llamafactory-cli export`` into a temporary folder beside ``merged/``, then swap it in:
     a crash never leaves half a model under ``merged/``."""
-    tmp = paths.sft_dir / f".{MERGED_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    args = export_args(train, paths, tmp)
-    atomic_write_text(paths.export_yaml, yaml.safe_dump({**args, "export_dir": str(paths.merged)}, sort_keys=False))
-    tmp_yaml = paths.sft_dir / f".tmp-{EXPORT_YAML}"  # LLaMA-Factory reads a file by its .yaml suffix
-    atomic_write_text(tmp_yaml, yaml.safe_dump(args, sort_keys=False))
-    try:
-        rc = run_logged([str(env.cli), "export", str(tmp_yaml)], paths.sft_dir / EXPORT_LOG, child_env)
-    finally:
-        tmp_yaml.unlink(missing_ok=True)
-    if rc != 0:
-        raise SFTError(
-            f"llamafactory-cli export failed (exit {rc}); the adapter is kept in {paths.adapter}. "
-            f"Last lines of {paths.sft_dir / EXPORT_LOG}:\n{log_tail(paths.sft_dir / EXPORT_LOG)}"
-        )
-    missing = [n for n in ("config.json", "tokenizer_config.json") if not (tmp / n).is_file()]
-    if missing:
-        raise SFTError(f"llamafactory-cli export wrote no {', '.join(missing)} into {tmp}; see {paths.sft_dir / EXPORT_LOG}")
-    old = paths.sft_dir / f".{MERGED_DIR}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if paths.merged.exists():
-        paths.merged.rename(old)
-    tmp.rename(paths.merged)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_path(paths.merged) as tmp:
+        args = export_args(train, paths, tmp)
+        atomic_write_text(paths.export_yaml, yaml.safe_dump({**args, "export_dir": str(paths.merged)}, sort_keys=False))
+        tmp_yaml = paths.sft_dir / f".tmp-{EXPORT_YAML}"  # LLaMA-Factory reads a file by its .yaml suffix
+        atomic_write_text(tmp_yaml, yaml.safe_dump(args, sort_keys=False))
+        try:
+            rc = run_logged([str(env.cli), "export", str(tmp_yaml)], paths.sft_dir / EXPORT_LOG, child_env)
+        finally:
+            tmp_yaml.unlink(missing_ok=True)
+        if rc != 0:
+            raise SFTError(
+                f"llamafactory-cli export failed (exit {rc}); the adapter is kept in {paths.adapter}. "
+                f"Last lines of {paths.sft_dir / EXPORT_LOG}:\n{log_tail(paths.sft_dir / EXPORT_LOG)}"
+            )
+        missing = [n for n in ("config.json", "tokenizer_config.json") if not (tmp / n).is_file()]
+        if missing:
+            raise SFTError(f"llamafactory-cli export wrote no {', '.join(missing)} into {tmp}; see {paths.sft_dir / EXPORT_LOG}")
     return paths.merged
 
 
