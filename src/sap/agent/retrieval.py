@@ -151,3 +151,67 @@ class RetrieverClient:
             if own:
                 await client.aclose()
         raise self._give_up(self.max_retries + 1, last)  # type: ignore[arg-type]
+
+
+# --- run guards: a search stage stops early rather than produce meaningless numbers -----------
+
+
+class RetrieverUnavailable(RetrievalError):
+    """The retriever does not answer ``/health`` before a stage starts."""
+
+
+def require_healthy(cfg: Any, client: RetrieverClient | None = None) -> dict[str, Any]:
+    """Check that the retriever of ``cfg`` (a :class:`sap.rules.config.RetrieverConfig`)
+    answers ``GET /health`` (one request, at most 5 s), before a stage loads a model. Returns the
+    health JSON; raises :class:`RetrieverUnavailable` saying how to start one."""
+    client = client or RetrieverClient.from_config(cfg)
+    try:
+        return client.health()
+    except RetrievalError as e:
+        raise RetrieverUnavailable(
+            f"{e}. Nothing is searched without it, so the run was not started. Start one with "
+            f"`sap retriever serve --index INDEX_DIR --port {_port(client.base_url)}` (build INDEX_DIR with `sap retriever index`; "
+            "`bash scripts/pipeline.sh CONFIG` starts and stops one itself), or point retriever.url at a running one "
+            "(--set retriever.url=http://HOST:PORT)."
+        ) from None
+
+
+def _port(url: str) -> str:
+    tail = url.rsplit(":", 1)[-1].split("/", 1)[0]
+    return tail if tail.isdigit() else "8000"
+
+
+class SearchFailureGuard:
+    """Counts a run's searches and failed searches (a search that failed after its retries got
+    an empty ``<information>`` block). :meth:`check` raises :class:`sap.rules.errors.RunFailed`
+    once the failed share passes ``max_failure_rate`` (``retriever.max_failure_rate``). The share
+    is taken over at least ``min_searches`` searches, so one failure among the first few does not
+    stop a run while a dead retriever stops it within a few searches."""
+
+    def __init__(self, max_failure_rate: float, min_searches: int = 100):
+        self.max_failure_rate = max_failure_rate
+        self.min_searches = min_searches
+        self.searches = 0
+        self.failures = 0
+
+    def add(self, searches: int, failures: int) -> None:
+        self.searches += searches
+        self.failures += failures
+
+    @property
+    def exceeded(self) -> bool:
+        return self.failures > self.max_failure_rate * max(self.searches, self.min_searches)
+
+    def summary(self) -> str:
+        share = self.failures / self.searches if self.searches else 0.0
+        return f"{self.failures} of {self.searches} searches failed ({share:.1%}; retriever.max_failure_rate={self.max_failure_rate:g})"
+
+    def check(self, url: str, kept: str) -> None:
+        """Raise :class:`RunFailed` when :attr:`exceeded`; ``kept`` says what is kept for a resume."""
+        if self.exceeded:
+            from sap.rules.errors import RunFailed
+
+            raise RunFailed(
+                f"stopped: {self.summary()} against the retriever at {url}. Numbers over failed searches mean nothing. "
+                f"{kept} Check the retriever (its log, `curl {url}/health`), then rerun the same command to resume."
+            )

@@ -110,6 +110,10 @@ class RetrieverConfig(_Section):
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(3, ge=0)
     backoff_s: float = Field(0.5, ge=0)
+    max_failure_rate: float = Field(0.01, ge=0, le=1)
+    """Share of failed searches (failed after their retries) at which eval and collect stop with
+    an error, keeping what they finished for the resume; counted over at least 100 searches, so
+    one early failure does not stop a run. 1 never stops."""
     corpus: str = "data/corpus/nq_oracle_corpus.jsonl"
     """Corpus the pipeline indexes (Search-R1 JSONL); for Wikipedia-18 point it at wiki-18.jsonl."""
     index_dir: str = "indexes/{experiment}"

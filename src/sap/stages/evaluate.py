@@ -13,7 +13,12 @@ Writes ``runs/<exp>/eval/<group>/``:
   weight and config files when it is a local folder; dataset, decoding, agent).
 
 Re-running resumes: questions already in ``predictions.jsonl`` are skipped, so a crash or
-Ctrl-C loses at most the questions in flight and none is duplicated. Resuming with different
+Ctrl-C loses at most the questions in flight and none is duplicated (a question whose searches
+failed is played again, and its new line replaces the old one).
+
+Runs that would be meaningless stop early: the retriever's ``/health`` is checked before the
+model is loaded, and a run whose share of failed searches passes ``retriever.max_failure_rate``
+stops with :class:`sap.rules.errors.RunFailed` (exit 1) after writing what it finished. Resuming with different
 settings, or after the model was retrained into the same folder, is refused (``restart=True``,
 ``sap eval --restart``, starts over).
 """
@@ -30,7 +35,7 @@ from typing import Any
 
 from sap.agent.engines.base import Engine
 from sap.agent.loop import AgentSettings, Episode, SearchAgent
-from sap.agent.retrieval import RetrieverClient
+from sap.agent.retrieval import RetrieverClient, SearchFailureGuard, require_healthy
 from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
 from sap.rules.errors import SapError
@@ -141,6 +146,7 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mean_searches=mean("searches"),
         mean_turns=mean("turns"),
         tokens_per_question=mean("tokens_generated"),
+        searches=int(sum(r.get("searches", 0) for r in records)),
         retrieval_failures=int(sum(r.get("retrieval_failures", 0) for r in records)),
         answered_rate=sum(1 for r in records if r["prediction"]) / n if n else 0.0,
         stop_reasons=dict(Counter(r.get("stop_reason") for r in records)),
@@ -210,17 +216,19 @@ def evaluate_group(
         with JsonlAppender(pred_path):  # cuts a torn last line left by a crash
             pass
         for r in read_jsonl(pred_path):
-            done.setdefault(str(r["id"]), r)
-    todo = [q for q in questions if q.id not in done]
+            done[str(r["id"])] = r  # a question played again after failed searches: its last line
+    todo = [q for q in questions if q.id not in done or done[q.id].get("retrieval_failures")]
 
     elapsed = 0.0
     n_new = 0
+    guard = SearchFailureGuard(cfg.retriever.max_failure_rate)
     if todo:
+        retriever = retriever or RetrieverClient.from_config(cfg.retriever)
+        require_healthy(cfg.retriever, retriever)  # before loading a model
         if engine is None:
             from sap.agent.engines import build_engine
 
             engine = build_engine(e.engine, model, e)
-        retriever = retriever or RetrieverClient.from_config(cfg.retriever)
         agent = SearchAgent(engine, retriever, agent_settings(cfg))
         bar = _progress(len(questions), len(done), group, progress)
         em_sum = sum(r.get("em", 0.0) for r in done.values() if r["id"] in wanted)
@@ -235,11 +243,14 @@ def evaluate_group(
                     done[rec["id"]] = rec
                     n_new += 1
                     em_sum += rec["em"]
+                    guard.add(rec["searches"], rec["retrieval_failures"])
                     if on_episode is not None:
                         on_episode(ep)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(em=f"{em_sum / max(1, len(done)):.3f}")
+                    if guard.exceeded:
+                        break
         finally:
             elapsed = time.perf_counter() - t0
             if bar is not None:
@@ -260,6 +271,10 @@ def evaluate_group(
         wall_s_this_run=round(elapsed, 3),
     )
     atomic_write_json(group_dir / METRICS_FILE, metrics)
+    guard.check(
+        retriever.base_url if retriever is not None else cfg.retriever.url,
+        f"The {len(records)} finished questions are kept in {pred_path}.",
+    )
     return metrics
 
 

@@ -86,6 +86,25 @@ def short_groups(groups: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def failed_searches(m: dict[str, Any]) -> int:
+    """Searches of a group's predictions that failed (and got empty results)."""
+    return int(m.get("retrieval_failures") or 0)
+
+
+def failed_search_groups(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Warnings for groups whose metrics include failed searches."""
+    out = []
+    for g, m in groups.items():
+        if failed_searches(m):
+            total = f" of {m['searches']}" if "searches" in m else ""
+            out.append(
+                f"`{g}`: {failed_searches(m)}{total} searches failed (the retriever did not answer; the model got an empty "
+                "`<information>` block), so its scores understate the model. Fix the retriever and rerun "
+                f"`sap eval --group {g}`: the questions whose searches failed are played again."
+            )
+    return out
+
+
 def _row_no(group: str, i: int) -> str:
     return str(PAPER_ORDER.index(group) + 1) if group in PAPER_TABLE else f"+{i}"
 
@@ -104,7 +123,7 @@ def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
     )
     if len(sets) > 1:
         lines += ["", f"Warning: the groups were evaluated with different metric sets ({', '.join(sets)}); sap's set is shown for all."]
-    for w in short_groups(groups):
+    for w in short_groups(groups) + failed_search_groups(groups):
         lines += ["", f"Warning: {w}"]
     lines.append("")
     em_label, rl_label = ("EM (paper)", "ROUGE-L (paper)") if metric_set == "paper" else ("EM (sap)", "ROUGE-L (sap)")
@@ -117,7 +136,8 @@ def markdown(experiment: str, groups: dict[str, dict[str, Any]]) -> str:
             extra_i += 1
         config, p_em, p_rl = PAPER_TABLE.get(g, (g, None, None))
         em, rl = headline(m, metric_set)
-        cells = [_row_no(g, extra_i), f"{config} (`{g}`: `{m.get('model', '?')}`)", f"{em:.4f}", f"{rl:.4f}"]
+        mark = f" **[{failed_searches(m)} failed searches]**" if failed_searches(m) else ""
+        cells = [_row_no(g, extra_i), f"{config} (`{g}`: `{m.get('model', '?')}`){mark}", f"{em:.4f}", f"{rl:.4f}"]
         cells += [fmt.format(m[k]) if k in m else "–" for k, _, fmt in EXTRA_COLUMNS]
         cells += [f"{p_em:.4f}" if p_em is not None else "–", f"{p_rl:.4f}" if p_rl is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -146,6 +166,7 @@ def bar_chart(groups: dict[str, dict[str, Any]], path: Path, title: str) -> Path
     import numpy as np
 
     names = list(groups)
+    ticks = [f"{g}\n({failed_searches(groups[g])} failed searches)" if failed_searches(groups[g]) else g for g in names]
     x = np.arange(len(names))
     width = 0.2
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names) + 2), 4.2), dpi=120)
@@ -162,7 +183,7 @@ def bar_chart(groups: dict[str, dict[str, Any]], path: Path, title: str) -> Path
         bars = ax.bar(x + (i - 1.5) * width, values, width, label=label, color=color, hatch=hatch, edgecolor="white")
         if not label.startswith("table 3"):
             ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, ticks)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.set_title(title)
