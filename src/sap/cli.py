@@ -318,6 +318,34 @@ def score_cmd(
             typer.echo(f"{label:<8} {metrics[key]:.4f}" if metrics[key] is not None else f"{label:<8} -")
 
 
+# --- sap data: what the paper recipe needs, from the HF hub -----------------------------------
+
+data_app = typer.Typer(help="Fetch the paper recipe's data, index and models from the HF hub.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download(
+    root: Annotated[Path, typer.Option("--root", help="Folder the files go to (configs/paper points into downloads/).")] = Path(
+        "downloads"
+    ),
+    only: Annotated[list[str] | None, typer.Option("--only", help="Fetch only this source (repeatable); see --dry-run.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sources and the GB to fetch, fetch nothing.")] = False,
+) -> None:
+    """NQ search parquet, wiki-18 corpus, E5 flat index, E5, Qwen2.5-3B-Instruct, the Search-R1
+    RL checkpoint and the AFM teacher data: resumable, checksummed (docs/data-download.md).
+
+    Example:
+
+        sap data download --dry-run && sap data download
+    """
+    from sap.stages.download import download
+
+    _, result = download(only or (), root, dry_run, echo=typer.echo)
+    if result is not None:
+        typer.echo(f"done: {len(result.fetched)} file(s) fetched, {len(result.skipped)} already here")
+
+
 # --- sap retriever: the retrieval service (retriever/sap_retriever) --------------------------
 
 retriever_app = typer.Typer(help="The retrieval service: build an index, serve Search-R1's POST /retrieve.", no_args_is_help=True)

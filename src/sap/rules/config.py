@@ -212,6 +212,18 @@ class PPOConfig(_Section):
     """Samples per question. None: 1 for ppo, 5 for grpo."""
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    """Rollout nucleus sampling (VeRL ``actor_rollout_ref.rollout.top_p``; the paper's VeRL config: 0.95)."""
+    entropy_coeff: float = Field(0.0, ge=0)
+    """Entropy bonus in the actor loss (VeRL ``actor.entropy_coeff``; the paper's VeRL config: 0.001)."""
+    actor_warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of ``total_training_steps`` over which the actor learning rate warms up (VeRL
+    ``actor.optim.lr_warmup_steps_ratio``; the paper's ``train_ppo.sh``: 0.285)."""
+    critic_warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """The same for the critic (VeRL ``critic.optim.lr_warmup_steps_ratio``; the paper: 0.015)."""
+    merge_step: int | None = Field(None, ge=1)
+    """Training step whose checkpoint is merged into ``ppo/merged`` (it must be a multiple of
+    ``save_freq``); None: the last one saved. The paper ran a 1,005-step schedule and evaluated
+    the checkpoint of step 600."""
     reward: Literal["em", "em_format"] = "em"
     """``em``: exact match of the last <answer>. ``em_format``: Search-R1's format-aware variant."""
     structure_format_score: float = Field(0.2, ge=0, le=1)

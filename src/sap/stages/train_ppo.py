@@ -151,6 +151,8 @@ class PPOPlan:
     model_path: str
     overrides: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    merge_step: int | None = None
+    """``ppo.merge_step``: the checkpoint to merge (None: the last)."""
 
     @property
     def ppo_dir(self) -> Path:
@@ -200,7 +202,8 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
         "actor_rollout_ref.actor.use_kl_loss": grpo,
         "actor_rollout_ref.actor.kl_loss_coef": p.kl_coef,
-        "actor_rollout_ref.actor.entropy_coeff": 0,
+        "actor_rollout_ref.actor.entropy_coeff": p.entropy_coeff,
+        "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": p.actor_warmup_ratio,
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
         # rollout: the sap agent loop on an async rollout server
         "actor_rollout_ref.rollout.name": p.rollout_engine,
@@ -249,6 +252,7 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
     else:
         o["critic.enable"] = True
         o["critic.optim.lr"] = p.critic_lr
+        o["critic.optim.lr_warmup_steps_ratio"] = p.critic_warmup_ratio
         o["critic.model.path"] = model
         o["critic.model.use_remove_padding"] = True
         o["critic.model.enable_gradient_checkpointing"] = True
@@ -274,7 +278,7 @@ def plan(cfg: ExperimentConfig, init: str | None = None) -> PPOPlan:
     run_dir = cfg.run_dir
     model_path = resolve_model(cfg, init or cfg.ppo.init)
     ppo_dir = run_dir / "ppo"
-    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir), tracking_env(cfg, ppo_dir))
+    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir), tracking_env(cfg, ppo_dir), cfg.ppo.merge_step)
 
 
 # --- subprocesses in the RL environment -------------------------------------------------
@@ -385,6 +389,10 @@ def merge_command(python: str, checkpoint: Path, target: Path) -> list[str]:
 
 def merge_last_checkpoint(python: str, the_plan: PPOPlan, log_path: Path) -> Path:
     ckpt = last_checkpoint(the_plan.checkpoints)
+    if the_plan.merge_step is not None:
+        ckpt = the_plan.checkpoints / f"global_step_{the_plan.merge_step}"
+        if not ckpt.is_dir():
+            raise PPOStageError(f"ppo.merge_step={the_plan.merge_step}: no checkpoint {ckpt} (saved every ppo.save_freq steps)")
     if ckpt is None:
         raise PPOStageError(f"no checkpoint under {the_plan.checkpoints} to merge (did training save one? see ppo.save_freq)")
     target = the_plan.ppo_dir / "merged"
