@@ -25,7 +25,7 @@ def test_every_config_validates_and_is_headed_by_its_command(path: Path):
 
 def test_paper_config_holds_the_papers_settings():
     cfg = load_config(REPO / "configs/paper/nq_qwen2.5-3b.yaml")
-    assert cfg.model.path == "Qwen/Qwen2.5-3B-Instruct"
+    assert cfg.model.path == "downloads/models/Qwen2.5-3B-Instruct"  # Qwen/Qwen2.5-3B-Instruct, by sap data download
     assert (cfg.sft.learning_rate, cfg.sft.num_train_epochs, cfg.sft.per_device_train_batch_size, cfg.sft.gradient_accumulation_steps) == (
         1e-4,
         1,
@@ -34,7 +34,8 @@ def test_paper_config_holds_the_papers_settings():
     )
     assert cfg.sft.lora.target == "all" and cfg.sft.precision == "fp16"
     p = cfg.ppo
-    assert (p.total_training_steps, p.train_batch_size, p.ppo_mini_batch_size, p.ppo_micro_batch_size_per_gpu) == (600, 32, 32, 8)
+    assert (p.total_training_steps, p.train_batch_size, p.ppo_mini_batch_size, p.ppo_micro_batch_size_per_gpu) == (1005, 32, 32, 8)
+    assert p.merge_step == 600  # a 1,005-step schedule, evaluated at step 600 (tests/test_paper_config.py)
     assert (p.actor_lr, p.critic_lr, p.kl_coef, p.max_turns, p.max_prompt_length, p.max_response_length) == (
         1e-6,
         1e-5,

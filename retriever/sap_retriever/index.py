@@ -191,7 +191,11 @@ def build_index(
     else:
         store = _ensure_store(corpus, out, limit, progress)
         meta["n_docs"] = len(store)
-        if backend == "dense":
+        if backend == "dense" and index_cfg.prebuilt:
+            enc = encoder or EncoderConfig()
+            dim = adopt_flat_index(Path(index_cfg.prebuilt), out, len(store))
+            meta.update(encoder=enc.model_dump(), dim=dim, index_types=["flat"], index=index_cfg.model_dump())
+        elif backend == "dense":
             enc = encoder or EncoderConfig()
             dim = embed_corpus(store, out, enc, index_cfg.shard_size, progress=progress)
             sample = None
@@ -211,6 +215,41 @@ def build_index(
     meta["built"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     atomic_write_json(out / META, meta)
     return meta
+
+
+def flat_index_header(path: Path) -> tuple[str, int, int]:
+    """(kind, dim, ntotal) from the header of a FAISS flat index file, without reading the
+    vectors: fourcc ``IxFI`` (inner product) or ``IxF2`` (L2), int32 d, int64 ntotal."""
+    import struct
+
+    with path.open("rb") as f:
+        head = f.read(16)
+    if len(head) < 16 or head[:4] not in (b"IxFI", b"IxF2"):
+        raise RetrieverIndexError(f"{path}: not a flat FAISS index (header {head[:4]!r}; expected IxFI or IxF2)")
+    d, ntotal = struct.unpack("<iq", head[4:16])
+    return head[:4].decode(), d, ntotal
+
+
+def adopt_flat_index(prebuilt: Path, out: Path, n_docs: int) -> int:
+    """Use a prebuilt flat FAISS index as ``out/faiss_flat.index`` (hard link, else symbolic
+    link: 65 GB are not copied). Its row count must equal the corpus's. Returns the dim."""
+    if not prebuilt.is_file():
+        raise RetrieverIndexError(f"retriever.index.prebuilt: {prebuilt} not found (sap data download fetches Search-R1's e5_Flat.index)")
+    _kind, dim, ntotal = flat_index_header(prebuilt)
+    if ntotal != n_docs:
+        raise RetrieverIndexError(
+            f"{prebuilt}: {ntotal} vectors but the corpus has {n_docs} passages: the index was built over another corpus "
+            "(row i must embed passage i)"
+        )
+    target = out / "faiss_flat.index"
+    if target.is_file() and target.resolve() == prebuilt.resolve():
+        return dim
+    target.unlink(missing_ok=True)
+    try:
+        os.link(prebuilt, target)
+    except OSError:
+        target.symlink_to(prebuilt.resolve())
+    return dim
 
 
 BM25_STOPWORDS = "en"

@@ -51,7 +51,11 @@ def test_parquet_loads_with_verl_rlhf_dataset(tmp_path: Path, tiny_model: Path):
 @pytest.mark.parametrize(
     ("name", "sets", "expect"),
     [
-        ("ppo", [], {"adv": "gae", "critic": True, "lora": 0, "n": 1, "kl_loss": False, "kl_reward": True}),
+        (  # with the paper's warm-up, entropy and top_p (configs/paper): VeRL must accept them where sap puts them
+            "ppo",
+            ["ppo.actor_warmup_ratio=0.285", "ppo.critic_warmup_ratio=0.015", "ppo.entropy_coeff=0.001", "ppo.top_p=0.95"],
+            {"adv": "gae", "critic": True, "lora": 0, "n": 1, "kl_loss": False, "kl_reward": True},
+        ),
         ("grpo", ["ppo.algorithm=grpo"], {"adv": "grpo", "critic": False, "lora": 0, "n": 5, "kl_loss": True, "kl_reward": False}),
         (
             "lora",
@@ -103,6 +107,10 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
     agent_loops = yaml.safe_load((ppo / "agent_loop.yaml").read_text())
     assert agent_loops[0]["max_turns"] == 2 and agent_loops[0]["retriever"]["url"] == "http://127.0.0.1:9"
     assert (ppo / "data" / "train.parquet").is_file() and (tmp_path / "runs" / name / "manifest.json").is_file()
+    if name == "ppo":
+        actor = resolved["actor_rollout_ref"]["actor"]
+        assert (actor["optim"]["lr_warmup_steps_ratio"], resolved["critic"]["optim"]["lr_warmup_steps_ratio"]) == (0.285, 0.015)
+        assert actor["entropy_coeff"] == 0.001 and resolved["actor_rollout_ref"]["rollout"]["top_p"] == 0.95
 
 
 def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):

@@ -74,6 +74,11 @@ class RetrieverIndexConfig(_Section):
     ivf_nprobe: int = Field(64, ge=1)
     pq_m: int = Field(64, ge=1)
     """PQ sub-quantisers (must divide the embedding dimension)."""
+    prebuilt: str | None = None
+    """A prebuilt flat FAISS index file whose row i embeds passage i of the corpus, used as is
+    as the ``flat`` index instead of embedding the corpus (Search-R1's ``e5_Flat.index`` over
+    wiki-18, fetched by ``sap data download``); the encoder settings must be the ones it was
+    built with (E5: the defaults)."""
 
 
 class RetrieverServeConfig(_Section):

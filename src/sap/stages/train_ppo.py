@@ -387,12 +387,18 @@ def merge_command(python: str, checkpoint: Path, target: Path) -> list[str]:
     ]
 
 
+def checkpoint_to_merge(the_plan: PPOPlan) -> Path | None:
+    """``global_step_<ppo.merge_step>`` when it is set (an error if it was not saved), else the last."""
+    if the_plan.merge_step is None:
+        return last_checkpoint(the_plan.checkpoints)
+    ckpt = the_plan.checkpoints / f"global_step_{the_plan.merge_step}"
+    if not ckpt.is_dir():
+        raise PPOStageError(f"ppo.merge_step={the_plan.merge_step}: no checkpoint {ckpt} (one is saved every ppo.save_freq steps)")
+    return ckpt
+
+
 def merge_last_checkpoint(python: str, the_plan: PPOPlan, log_path: Path) -> Path:
-    ckpt = last_checkpoint(the_plan.checkpoints)
-    if the_plan.merge_step is not None:
-        ckpt = the_plan.checkpoints / f"global_step_{the_plan.merge_step}"
-        if not ckpt.is_dir():
-            raise PPOStageError(f"ppo.merge_step={the_plan.merge_step}: no checkpoint {ckpt} (saved every ppo.save_freq steps)")
+    ckpt = checkpoint_to_merge(the_plan)
     if ckpt is None:
         raise PPOStageError(f"no checkpoint under {the_plan.checkpoints} to merge (did training save one? see ppo.save_freq)")
     target = the_plan.ppo_dir / "merged"
