@@ -129,7 +129,7 @@ def test_merge_step_picks_that_checkpoint(tmp_path):
     (the_plan.checkpoints / "latest_checkpointed_iteration.txt").write_text("700")
     assert ppo_stage.checkpoint_to_merge(the_plan) == the_plan.checkpoints / "global_step_600"
     other = ppo_stage.plan(load_config(PAPER, [f"run_root={tmp_path}", "ppo.merge_step=650"]))
-    with pytest.raises(ppo_stage.PPOStageError, match="ppo.merge_step=650: no checkpoint"):
+    with pytest.raises(ppo_stage.PPOStageError, match=r"ppo\.merge_step=650: no checkpoint"):
         ppo_stage.checkpoint_to_merge(other)
     last = ppo_stage.plan(load_config(PAPER, [f"run_root={tmp_path}", "ppo.merge_step=null"]))
     assert ppo_stage.checkpoint_to_merge(last) == the_plan.checkpoints / "global_step_700"
