@@ -93,14 +93,14 @@ def test_overrides_follow_the_experiment_config():
     assert o["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"] == "8" and o["trainer.total_training_steps"] == "600"
     assert o["data.max_prompt_length"] == "4096" and o["data.max_response_length"] == str(3 * 500 + 2 * 500)
     assert o["actor_rollout_ref.model.lora_rank"] == "0" and "actor_rollout_ref.model.lora_alpha" not in o
-    assert o["trainer.logger"] == "[console]" and o["actor_rollout_ref.rollout.n"] == "1"
-    assert o["trainer.rollout_data_dir"].endswith("ppo/rollouts") and o["trainer.validation_data_dir"].endswith("ppo/validation")
+    assert o["trainer.logger"] == "[console,file]" and o["actor_rollout_ref.rollout.n"] == "1"
+    assert o["trainer.rollout_data_dir"].endswith("ppo/rollouts/verl") and o["trainer.validation_data_dir"].endswith("ppo/validation")
 
     o = overrides_dict(load_config(None, ["ppo.algorithm=grpo", "ppo.lora_rank=32", "tracking.backend=wandb", "ppo.nnodes=2"]))
     assert o["algorithm.adv_estimator"] == "grpo" and o["critic.enable"] == "false" and "critic.optim.lr" not in o
     assert o["actor_rollout_ref.actor.use_kl_loss"] == "true" and o["algorithm.use_kl_in_reward"] == "false"
     assert o["actor_rollout_ref.rollout.n"] == "5" and o["actor_rollout_ref.model.lora_rank"] == "32"
-    assert o["trainer.logger"] == "[console,wandb]" and o["trainer.nnodes"] == "2"
+    assert o["trainer.logger"] == "[console,wandb,file]" and o["trainer.nnodes"] == "2"
 
     cfg = load_config(None, ["ppo.verl={trainer.save_freq: 7, +actor_rollout_ref.rollout.max_num_seqs: 64}", "ppo.reward=em_format"])
     o = overrides_dict(cfg)
@@ -113,7 +113,9 @@ def test_init_model_and_tracking_env(tmp_path: Path):
     assert stage.resolve_model(cfg, "sft") == str(tmp_path / "e" / "sft" / "merged")
     assert stage.resolve_model(cfg, "base") == "Qwen/Qwen2.5-3B-Instruct"
     p = stage.plan(cfg, "base")
-    assert p.env == {"TENSORBOARD_DIR": str((tmp_path / "e" / "ppo" / "tensorboard").resolve())}
+    ppo = (tmp_path / "e" / "ppo").resolve()
+    assert p.env == {"TENSORBOARD_DIR": str(ppo / "tensorboard"), "VERL_FILE_LOGGER_PATH": str(ppo / "verl_metrics.jsonl")}
+    assert p.device == "cuda" and "trainer.device=cpu" not in p.overrides
     assert p.command("py")[:3] == ["py", "-m", "verl.trainer.main_ppo"]
 
 
@@ -149,3 +151,41 @@ def test_cli_errors_are_clear(tmp_path: Path, data_dir: Path):
     assert r.exit_code == 2 and "--init 'best'" in r.output
     manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
     assert manifest["commands"][-1]["stage"] == "train-ppo"
+
+
+def test_cpu_mode_adds_its_overrides_and_environment_only_on_cpu(tmp_path: Path):
+    cfg = load_config(None, ["experiment=e", f"run_root={tmp_path}", "ppo.n_gpus_per_node=2", "ppo.verl={critic.strategy: fsdp2, +x.y: 1}"])
+    gpu = stage.plan(cfg, "base")
+    assert not any(o.startswith(("trainer.device=", "+ray_kwargs")) for o in gpu.overrides)
+    assert "VERL_PLATFORM" not in gpu.env and "VERL_USE_EXTERNAL_MODULES" not in gpu.env
+    cpu = stage.plan(cfg, "base", device="cpu")
+    o = dict(x.split("=", 1) for x in cpu.overrides)
+    assert o["trainer.device"] == "cpu" and o["actor_rollout_ref.rollout.name"] == "hf"
+    assert o["+ray_kwargs.ray_init.num_gpus"] == "2" and int(o["+ray_kwargs.ray_init.num_cpus"]) >= 16
+    assert o["actor_rollout_ref.actor.strategy"] == "fsdp2" and o["transfer_queue.backend.SimpleStorage.num_data_storage_units"] == "1"
+    assert o["+critic.model.override_config.attn_implementation"] == "sdpa" and o["trainer.val_before_train"] == "false"
+    # batch sizes and steps are the experiment's, as on a GPU; ppo.verl still comes last
+    assert o["data.train_batch_size"] == "32" and o["trainer.total_training_steps"] == "600"
+    assert cpu.overrides.index("+x.y=1") == len(cpu.overrides) - 1
+    assert cpu.env["VERL_PLATFORM"] == "cpu" and cpu.env["VERL_USE_EXTERNAL_MODULES"] == "sap.rl.cpu"
+
+
+def test_cpu_mode_refuses_ray_resources_that_would_hang(tmp_path: Path):
+    cfg = load_config(
+        None,
+        [
+            "experiment=e",
+            f"run_root={tmp_path}",
+            "ppo.verl={transfer_queue.backend.SimpleStorage.num_data_storage_units: 8, +ray_kwargs.ray_init.num_cpus: 4}",
+        ],
+    )
+    with pytest.raises(stage.PPOStageError, match=r"num_data_storage_units.*|TransferQueue"):
+        stage.plan(cfg, "base", device="cpu")
+    stage.plan(cfg, "base")  # a GPU plan is not the CPU mode's business
+
+
+def test_resolve_device(tmp_path: Path):
+    cfg = load_config(None, ["ppo.device=cpu"])
+    assert stage.resolve_device(cfg, "no-such-python") == "cpu"
+    cfg = load_config(None)
+    assert stage.resolve_device(cfg, "no-such-python", dry_run=True) == "cuda"  # --dry-run composes the GPU run, as before

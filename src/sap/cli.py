@@ -541,12 +541,12 @@ def train_ppo_cmd(
         counts = stage.build_dataset(cfg, ppo_dir / "data")
         typer.echo(f"data: {counts['train']} train / {counts['val']} val questions -> {ppo_dir / 'data'}")
         stage.write_agent_loop_config(cfg, ppo_dir / "agent_loop.yaml")
-        the_plan = stage.plan(cfg)
+        python = stage.rl_python(cfg)
+        the_plan = stage.plan(cfg, device=stage.resolve_device(cfg, python, dry_run))
         if not Path(the_plan.model_path).exists():
             if cfg.ppo.init == "sft" and not dry_run:
                 fail(f"merged SFT model not found: {the_plan.model_path} (run `sap train-sft` first, or use --init base)")
             typer.secho(f"warning: initial model {the_plan.model_path} is not a local folder", fg=typer.colors.YELLOW, err=True)
-        python = stage.rl_python(cfg)
         report = stage.compose_and_validate(python, the_plan.overrides, ppo_dir / "verl_config.yaml")
         typer.echo(report)
         command = the_plan.command(python)
@@ -565,18 +565,15 @@ def train_ppo_cmd(
             typer.echo(f"dry run: VeRL config valid -> {ppo_dir / 'verl_config.yaml'}; command ({ppo_dir / 'command.txt'}):")
             typer.echo(command_text)
             return
-        if not stage.cuda_available(python):
-            fail(
-                "no CUDA GPU in the RL environment: VeRL's PPO trainer (FSDP + vLLM) cannot run on CPU. "
-                "Run this on a GPU node (`make setup-gpu`, scripts/train_ppo.sh), or use --dry-run here."
-            )
-        rc = stage.launch(python, the_plan, ppo_dir / "train.log")
-        if rc != 0:
-            fail(f"VeRL training failed (exit {rc}); see {ppo_dir / 'train.log'}", code=1)
-        merged = stage.merge_last_checkpoint(python, the_plan, ppo_dir / "train.log")
-        typer.echo(f"merged policy -> {merged}")
+        from sap.stages.ppo_run import train
+
+        typer.echo(f"training on {the_plan.device} (log: {ppo_dir / 'train.log'}) ...")
+        result = train(python, the_plan, cfg.ppo.total_training_steps, cfg.ppo.stall_timeout_s, cfg.tracking.backend == "tensorboard")
+        typer.echo(
+            f"{result.steps} step(s), {result.seconds_per_step or 0:.1f} s/step; metrics -> {result.metrics}; merged policy -> {result.merged}"
+        )
     except stage.PPOStageError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
 
 
 # --- sap eval / sap report -----------------------------------------------------------------

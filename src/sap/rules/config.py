@@ -252,6 +252,13 @@ class PPOConfig(_Section):
     test_freq: int = Field(50, ge=-1)
     n_gpus_per_node: int = Field(8, ge=1)
     nnodes: int = Field(1, ge=1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where VeRL's trainer runs: ``cuda`` (FSDP + vLLM on GPUs), ``cpu`` (sap's CPU mode:
+    :mod:`sap.rl.cpu`, an HF rollout server, gloo), or ``auto`` (cpu when the RL environment sees
+    no CUDA GPU). Batch sizes and steps are the same keys on both."""
+    stall_timeout_s: float = Field(1800, gt=0)
+    """A training run that prints nothing for this long is stopped with an error (a hang, e.g.
+    Ray waiting for resources it will never get); its log is in ``ppo/train.log``."""
     verl: dict[str, Any] = {}
     """Further Hydra overrides for VeRL (``key.path: value``), passed through."""
 

@@ -32,7 +32,7 @@ import yaml
 
 from sap.rules.atomic import atomic_path, atomic_write_text
 from sap.rules.config import ExperimentConfig
-from sap.rules.errors import SapError
+from sap.rules.errors import RunFailed, SapError
 from sap.rules.prompts import chat_messages, normalize_question
 from sap.rules.questions import Question, QuestionFileError, QuestionFileNotFound, read_questions
 
@@ -44,6 +44,10 @@ DATA_SOURCE = "nq"
 
 class PPOStageError(SapError, RuntimeError):
     """Bad input or environment for ``sap train-ppo``; the message says what to fix."""
+
+
+class PPORunFailed(RunFailed, PPOStageError):
+    """VeRL's trainer ran and failed, hung, or could not be scheduled (exit 1)."""
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -141,6 +145,9 @@ def hydra_value(value: Any) -> str:
 
 
 TRACKING_LOGGERS = {"none": ["console"], "wandb": ["console", "wandb"], "tensorboard": ["console", "tensorboard"]}
+#: VeRL's ``file`` logger writes every step's metrics here (truncated by each launch); sap appends
+#: them to ``ppo/metrics.jsonl`` (:mod:`sap.stages.ppo_run`).
+VERL_METRICS_FILE = "verl_metrics.jsonl"
 
 
 @dataclass
@@ -153,6 +160,7 @@ class PPOPlan:
     env: dict[str, str] = field(default_factory=dict)
     merge_step: int | None = None
     """``ppo.merge_step``: the checkpoint to merge (None: the last)."""
+    device: str = "cuda"
 
     @property
     def ppo_dir(self) -> Path:
@@ -175,8 +183,9 @@ def _abs(path: Path) -> str:
     return str(path.resolve())
 
 
-def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> list[str]:
-    """Every VeRL Hydra override that the experiment config decides (``ppo.verl`` last)."""
+def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, device: str = "cuda") -> list[str]:
+    """Every VeRL Hydra override that the experiment config decides; on ``device="cpu"`` also
+    :func:`sap.rl.cpu.cpu_overrides` (``ppo.verl`` last)."""
     p = cfg.ppo
     model = _abs(Path(model_path)) if Path(model_path).exists() else model_path
     grpo = p.algorithm == "grpo"
@@ -229,7 +238,7 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
         "+reward.custom_reward_function.reward_kwargs.final_format_score": p.final_format_score,
         "+reward.custom_reward_function.reward_kwargs.retrieval_score": p.retrieval_score,
         # trainer
-        "trainer.logger": TRACKING_LOGGERS[cfg.tracking.backend],
+        "trainer.logger": [*TRACKING_LOGGERS[cfg.tracking.backend], "file"],
         "trainer.project_name": cfg.tracking.project,
         "trainer.experiment_name": cfg.experiment,
         "trainer.n_gpus_per_node": p.n_gpus_per_node,
@@ -239,7 +248,7 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
         "trainer.test_freq": p.test_freq,
         "trainer.default_local_dir": _abs(ppo_dir / "checkpoints"),
         # per-sample logs: every rollout and validation trajectory with its reward metrics (JSONL per step)
-        "trainer.rollout_data_dir": _abs(ppo_dir / "rollouts"),
+        "trainer.rollout_data_dir": _abs(ppo_dir / "rollouts" / "verl"),
         "trainer.validation_data_dir": _abs(ppo_dir / "validation"),
         "trainer.resume_mode": "auto",
         "hydra.run.dir": _abs(ppo_dir / "hydra"),
@@ -260,12 +269,23 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path) -> li
         if p.lora_rank > 0:
             o["critic.model.lora_rank"] = p.lora_rank
             o["critic.model.lora_alpha"] = p.lora_alpha
+    if device == "cpu":
+        from sap.rl.cpu import cpu_overrides
+
+        o.update(cpu_overrides(p.n_gpus_per_node * p.nnodes, p.agent_workers))
     o.update(p.verl)
+    if device == "cpu":
+        from sap.rl.cpu import check_ray_capacity
+
+        try:
+            check_ray_capacity(o, p.n_gpus_per_node * p.nnodes, p.agent_workers)
+        except ValueError as e:
+            raise PPOStageError(str(e)) from None
     return [f"{k}={hydra_value(v)}" for k, v in o.items()]
 
 
 def tracking_env(cfg: ExperimentConfig, ppo_dir: Path) -> dict[str, str]:
-    env = {}
+    env = {"VERL_FILE_LOGGER_PATH": _abs(ppo_dir / VERL_METRICS_FILE)}
     if cfg.tracking.backend == "tensorboard":
         env["TENSORBOARD_DIR"] = _abs(ppo_dir / "tensorboard")
     if cfg.tracking.backend == "wandb":
@@ -274,11 +294,17 @@ def tracking_env(cfg: ExperimentConfig, ppo_dir: Path) -> dict[str, str]:
     return env
 
 
-def plan(cfg: ExperimentConfig, init: str | None = None) -> PPOPlan:
+def plan(cfg: ExperimentConfig, init: str | None = None, device: str = "cuda") -> PPOPlan:
+    """The run's overrides and environment; ``device="cpu"``: sap's CPU mode (:mod:`sap.rl.cpu`)."""
     run_dir = cfg.run_dir
     model_path = resolve_model(cfg, init or cfg.ppo.init)
     ppo_dir = run_dir / "ppo"
-    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir), tracking_env(cfg, ppo_dir), cfg.ppo.merge_step)
+    env = tracking_env(cfg, ppo_dir)
+    if device == "cpu":
+        from sap.rl.cpu import cpu_env
+
+        env.update(cpu_env(ppo_dir / "rollout_weights.jsonl"))
+    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir, device), env, cfg.ppo.merge_step, device)
 
 
 # --- subprocesses in the RL environment -------------------------------------------------
@@ -343,6 +369,16 @@ def cuda_available(python: str) -> bool:
         env=_subprocess_env(),
     )
     return proc.returncode == 0
+
+
+def resolve_device(cfg: ExperimentConfig, python: str, dry_run: bool = False) -> str:
+    """``ppo.device``; ``auto``: ``cuda`` when the RL environment sees a CUDA GPU, else ``cpu``
+    (a dry run keeps composing the GPU configuration)."""
+    if cfg.ppo.device != "auto":
+        return cfg.ppo.device
+    if dry_run:
+        return "cuda"
+    return "cuda" if cuda_available(python) else "cpu"
 
 
 def launch(python: str, the_plan: PPOPlan, log_path: Path) -> int:

@@ -1,0 +1,379 @@
+"""Running VeRL's PPO trainer and reading what it writes (the same on CPU and GPU).
+
+:func:`train` starts ``python -m verl.trainer.main_ppo`` in the RL environment, its whole output
+in ``ppo/train.log``, and while it runs turns VeRL's files into sap's outputs:
+
+- ``ppo/metrics.jsonl`` — one row per step: every metric VeRL logs (its ``file`` logger writes
+  ``ppo/verl_metrics.jsonl``; ``critic/score/mean`` is the reward, ``actor/pg_loss``,
+  ``critic/vf_loss``, ``critic/advantages/*``, ``actor/reward_kl_penalty``, ``response_length/*``)
+  plus ``sap/*``: per-trajectory means computed from that step's rollouts with the reward
+  function VeRL calls (:func:`sap.rl.reward.compute_score`): ``sap/em``, ``sap/searches``,
+  ``sap/turns``, ``sap/retrieval_failures`` (searches answered with an empty ``<information>``
+  block), ``sap/answered``, ``sap/valid_format``. With ``tracking.backend: tensorboard`` the
+  ``sap/*`` values are written to ``ppo/tensorboard`` too (VeRL writes its own there);
+- ``ppo/rollouts/step_N.jsonl`` — every trajectory of step N: question, gold answers, response,
+  reward and the ``sap/*`` values (from VeRL's dump in ``ppo/rollouts/verl/N.jsonl``);
+- a progress bar: steps and the running mean reward.
+
+A rerun resumes from the last checkpoint (VeRL's ``resume_mode=auto``); rows of steps after it
+are dropped from ``metrics.jsonl`` first. Ctrl-C stops the trainer, Ray and every process they
+started. A run that prints nothing for ``ppo.stall_timeout_s``, or that Ray cannot schedule, is
+stopped with an error instead of hanging. Afterwards the last checkpoint is merged into
+``ppo/merged/`` (``verl.model_merger``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sap.rules.atomic import JsonlAppender, atomic_write_text, read_jsonl
+from sap.stages import train_ppo as stage
+
+#: Ray's message for a resource request it cannot satisfy (a hang if it persists).
+UNSCHEDULABLE = re.compile(r"cannot be scheduled right now|resource request cannot be scheduled|Total available GPUs .* less than")
+UNSCHEDULABLE_GRACE_S = 90.0
+
+
+@dataclass
+class PPORunResult:
+    """What a finished ``sap train-ppo`` run produced."""
+
+    steps: int
+    """The last step trained (the step of the merged checkpoint)."""
+    resumed_from: int
+    merged: Path
+    metrics: Path
+    seconds_per_step: float | None
+    """Mean of VeRL's ``timing_s/step`` over the steps this launch trained."""
+    last: dict[str, float] = field(default_factory=dict)
+
+
+# --- per-step outputs -------------------------------------------------------------------------
+
+
+def _question(prompt: str) -> str:
+    """The question of a decoded Search-R1 prompt (the text after its last ``Question:``)."""
+    if "Question:" not in prompt:
+        return prompt.strip()
+    return prompt.rsplit("Question:", 1)[1].strip().splitlines()[0].strip()
+
+
+def _empty_information_blocks(response: str) -> int:
+    return len(re.findall(r"<information>\s*</information>", response))
+
+
+def trajectory_row(step: int, dumped: dict[str, Any]) -> dict[str, Any]:
+    """One readable row of ``step_N.jsonl`` from a row of VeRL's rollout dump."""
+    from sap.rl.reward import compute_score, gold_answers
+    from sap.rules.tags import extract_answer
+
+    response = dumped.get("output", "")
+    gts = dumped.get("gts")
+    golds = gold_answers(gts) if gts is not None else []
+    scores = compute_score("nq", response, golds)
+    return {
+        "step": step,
+        "uid": dumped.get("uid"),
+        "question": _question(dumped.get("input", "")),
+        "golden_answers": golds,
+        "response": response,
+        "answer": extract_answer(response),
+        "reward": dumped.get("score"),
+        "em": scores["em"],
+        "searches": scores["searches"],
+        "turns": scores["turns"],
+        "retrieval_failures": float(_empty_information_blocks(response)),
+        "answered": scores["answered"],
+        "valid_format": scores["valid_format"],
+    }
+
+
+SAP_KEYS = ("em", "searches", "turns", "retrieval_failures", "answered", "valid_format")
+
+
+def step_outputs(step: int, verl_dump: Path, out: Path) -> dict[str, float]:
+    """Write ``step_N.jsonl`` from VeRL's dump of step N; return the ``sap/*`` means."""
+    rows = [trajectory_row(step, r) for r in read_jsonl(verl_dump)]
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if not rows:
+        return {}
+    return {f"sap/{k}": sum(float(r[k]) for r in rows) / len(rows) for k in SAP_KEYS}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class StepWriter:
+    """Follows VeRL's metrics file; for each new step writes ``metrics.jsonl`` and
+    ``rollouts/step_N.jsonl`` (and ``sap/*`` scalars to TensorBoard when it is the backend)."""
+
+    def __init__(self, ppo_dir: Path, resumed_from: int, tensorboard: Path | None = None):
+        self.ppo_dir = ppo_dir
+        self.verl_metrics = ppo_dir / stage.VERL_METRICS_FILE
+        self.metrics = ppo_dir / "metrics.jsonl"
+        self.rollouts = ppo_dir / "rollouts"
+        self.done: set[int] = set()
+        self.rows: list[dict[str, Any]] = []
+        self._offset = 0
+        self._pending: list[dict[str, Any]] = []
+        self._tb_dir = tensorboard
+        self._tb = None
+        _truncate_after(self.metrics, resumed_from)
+        self.verl_metrics.unlink(missing_ok=True)
+
+    def poll(self, final: bool = False) -> list[dict[str, Any]]:
+        """Handle what is new; a step waits for its rollout dump unless ``final``."""
+        if self.verl_metrics.is_file():
+            with self.verl_metrics.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self._offset += len(complete)
+            for line in complete.splitlines():
+                if line.strip():
+                    self._pending.append(json.loads(line))
+        written = []
+        waiting = []
+        for rec in self._pending:
+            step = int(rec["step"])
+            dump = self.rollouts / "verl" / f"{step}.jsonl"
+            if step in self.done:
+                continue
+            if not dump.is_file() and not final:
+                waiting.append(rec)
+                continue
+            sap_means = step_outputs(step, dump, self.rollouts / f"step_{step}.jsonl") if dump.is_file() else {}
+            row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in rec["data"].items()}, **sap_means}
+            with JsonlAppender(self.metrics) as sink:
+                sink.write(row)
+            self._tensorboard(step, sap_means)
+            self.done.add(step)
+            self.rows.append(row)
+            written.append(row)
+        self._pending = waiting
+        return written
+
+    def _tensorboard(self, step: int, values: dict[str, float]) -> None:
+        if self._tb_dir is None or not values:
+            return
+        try:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self._tb_dir), filename_suffix=".sap")
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        except ImportError:
+            self._tb_dir = None
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop rows of steps after ``step`` (a resumed run trains them again)."""
+    if not path.is_file():
+        return
+    rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# --- the child process ------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first seen first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop the trainer and everything it started (Ray's GCS, raylet, workers): SIGINT to the
+    trainer (it shuts Ray down), then SIGTERM, then SIGKILL to whatever is left."""
+    if proc.poll() is not None:
+        return
+    tree = _descendants(proc.pid)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    tree = sorted(set(tree) | set(_descendants(proc.pid)))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in [proc.pid, *tree] if _alive(p)]
+        for p in alive:
+            with contextlib.suppress(OSError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in alive):
+            time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="ppo steps", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train(python: str, the_plan: stage.PPOPlan, total_steps: int, stall_timeout_s: float, tensorboard: bool = False) -> PPORunResult:
+    """Run VeRL's trainer to ``total_steps`` (resuming from the last checkpoint), then merge the
+    last checkpoint into ``ppo/merged``. Raises :class:`sap.stages.train_ppo.PPOStageError`."""
+    ppo_dir = the_plan.ppo_dir
+    log_path = ppo_dir / "train.log"
+    ckpt = stage.last_checkpoint(the_plan.checkpoints)
+    resumed_from = int(ckpt.name.rsplit("_", 1)[1]) if ckpt else 0
+    writer = StepWriter(ppo_dir, resumed_from, ppo_dir / "tensorboard" if tensorboard else None)
+    if resumed_from < total_steps:
+        _run_trainer(python, the_plan, log_path, writer, total_steps, resumed_from, stall_timeout_s)
+    ckpt = stage.checkpoint_to_merge(the_plan)
+    if ckpt is None:
+        raise stage.PPOStageError(f"training saved no checkpoint under {the_plan.checkpoints} (see ppo.save_freq and {log_path})")
+    merged = stage.merge_last_checkpoint(python, the_plan, log_path)
+    step = int(ckpt.name.rsplit("_", 1)[1])
+    times = [float(r["timing_s/step"]) for r in writer.rows if "timing_s/step" in r]
+    last = {k: v for k, v in (writer.rows[-1] if writer.rows else {}).items() if isinstance(v, int | float)}
+    atomic_write_text(
+        ppo_dir / "summary.json",
+        json.dumps(
+            {"device": the_plan.device, "steps": step, "resumed_from": resumed_from, "seconds_per_step": times, "merged": str(merged)},
+            indent=2,
+        )
+        + "\n",
+    )
+    return PPORunResult(step, resumed_from, merged, writer.metrics, sum(times) / len(times) if times else None, last)
+
+
+def _run_trainer(
+    python: str,
+    the_plan: stage.PPOPlan,
+    log_path: Path,
+    writer: StepWriter,
+    total_steps: int,
+    resumed_from: int,
+    stall_timeout_s: float,
+) -> None:
+    cmd = the_plan.command(python)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    last_output = [time.monotonic()]
+    unschedulable: list[float] = []
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=stage._subprocess_env(the_plan.env),
+            start_new_session=True,  # Ctrl-C reaches sap only; sap stops the tree in order
+        )
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                last_output[0] = time.monotonic()
+                if UNSCHEDULABLE.search(line):
+                    unschedulable.append(time.monotonic())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        bar = _progress(total_steps, resumed_from)
+        rewards: list[float] = []
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                _advance(bar, writer.poll(), rewards)
+                idle = time.monotonic() - last_output[0]
+                if idle > stall_timeout_s:
+                    stop_tree(proc)
+                    raise stage.PPORunFailed(
+                        f"VeRL printed nothing for {idle:.0f} s (ppo.stall_timeout_s={stall_timeout_s:g}): stopped as hung. "
+                        f"Last lines in {log_path}; raise ppo.stall_timeout_s if steps are just slow."
+                    )
+                if unschedulable and unschedulable[-1] - unschedulable[0] > UNSCHEDULABLE_GRACE_S:
+                    stop_tree(proc)
+                    raise stage.PPORunFailed(
+                        f"Ray cannot schedule VeRL's actors (not enough Ray CPUs/GPUs for {UNSCHEDULABLE_GRACE_S:.0f} s): stopped "
+                        f"instead of hanging. On CPU each TransferQueue storage unit and worker needs a Ray CPU: keep "
+                        f"transfer_queue.backend.SimpleStorage.num_data_storage_units small or raise +ray_kwargs.ray_init.num_cpus "
+                        f"(ppo.verl). See {log_path}."
+                    )
+        except KeyboardInterrupt:
+            bar.close()
+            print("\ninterrupted: stopping VeRL, Ray and their processes ...", file=sys.stderr)
+            stop_tree(proc)
+            raise
+        finally:
+            reader.join(timeout=10)
+            _advance(bar, writer.poll(final=True), rewards)
+            bar.close()
+            writer.close()
+            if proc.poll() is None:
+                stop_tree(proc)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
+        raise stage.PPORunFailed(f"VeRL training failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+
+
+def _advance(bar, rows: list[dict[str, Any]], rewards: list[float]) -> None:
+    for row in rows:
+        reward = row.get("critic/score/mean")
+        if isinstance(reward, int | float):
+            rewards.append(float(reward))
+        postfix = {}
+        if rewards:
+            postfix["reward"] = f"{rewards[-1]:.3f}"
+            postfix["mean"] = f"{sum(rewards) / len(rewards):.3f}"
+        for key, name in (("sap/em", "em"), ("sap/searches", "searches"), ("timing_s/step", "s/step")):
+            if isinstance(row.get(key), int | float):
+                postfix[name] = f"{row[key]:.2f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(max(0, int(row["step"]) - bar.n))
