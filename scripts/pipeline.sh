@@ -11,13 +11,15 @@
 #   STAGES="..."       stages to run (default: all of: index retriever prepare-sft train-sft train-ppo eval report)
 #   RETRIEVER_URL=...  use a retriever that is already running instead of starting one
 #   PPO_ROLLOUTS=N     without a CUDA GPU: VeRL agent-loop rollouts to run for real (default 4)
+#   optional stage "collect" (STAGES="index retriever collect prepare-sft ..."): sap collect's teacher
+#                      trajectories (collect.teacher; docs/collect.md), then prepare-sft reads them
 #
 # Every stage reuses what a previous run finished (index, SFT data and model, finished eval
 # questions), so a second run is quick. The retriever this script starts is stopped on exit,
 # on failure and on Ctrl-C. Logs: runs/<experiment>/logs/.
 set -euo pipefail
 
-[ $# -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,19p' "$0"; exit 2; }
 config=$1
 shift
 [ -f "$config" ] || { echo "pipeline: config not found: $config" >&2; exit 2; }
@@ -84,6 +86,13 @@ EOF
     done
   fi
   sets+=(--set "retriever.url=$url")
+fi
+
+if want collect; then
+  collect_out=$(get collect.out)
+  step "collect: teacher trajectories -> $collect_out (teacher: $(get collect.teacher.model))"
+  "$SAP" collect --config "$config" "${sets[@]}"
+  sets+=(--set "sft.prepare.inputs=[$collect_out/trajectories.jsonl]")
 fi
 
 if want prepare-sft; then

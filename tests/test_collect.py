@@ -387,3 +387,34 @@ def test_local_teacher_hf_engine_tiny_model_cli(tmp_path, tiny_model, retriever_
     assert manifest["commands"][-1]["stage"] == "collect"
     r = runner.invoke(app, args)  # nothing left to do
     assert r.exit_code == 0 and "(0 new)" in r.output
+
+
+def test_pipeline_collect_stage_feeds_prepare_sft(tmp_path, retriever_url):
+    """scripts/pipeline.sh with the optional collect stage: prepare-sft then reads its output."""
+    repo = Path(__file__).resolve().parents[1]
+    dataset, script = write_questions(tmp_path / "q.jsonl", ["good", "nosearch", "good"])
+    with serve(script) as url:
+        overrides = [
+            f"run_root={tmp_path / 'runs'}",
+            "experiment=pipe",
+            f"retriever.url={retriever_url}",
+            f"collect.dataset={dataset}",
+            f"collect.teacher.base_url={url}",
+            f"collect.teacher.model={MODEL}",
+            "collect.filters.require_search=true",
+        ]
+        env = {**os.environ, "STAGES": "collect prepare-sft", "SAP": str(repo / ".venv" / "bin" / "sap")}
+        proc = subprocess.run(
+            ["bash", "scripts/pipeline.sh", "configs/demo/tiny_cpu.yaml", *overrides],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "pipe"
+    assert len(list(read_jsonl(run / "collect" / "trajectories.jsonl"))) == 2
+    report = json.loads((run / "sft" / "data" / "prepare_sft_report.json").read_text())
+    assert report["inputs"] == [str(run / "collect" / "trajectories.jsonl")]
+    assert report["trajectories_read"] == report["trajectories_kept"] == 2 and report["samples_written"] == 4
