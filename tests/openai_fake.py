@@ -79,6 +79,14 @@ def make_app(script: Script) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
 
+    @app.get("/health")  # a retriever that says it is healthy and then fails every search
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/retrieve")
+    async def retrieve():
+        return JSONResponse({"detail": "index not loaded"}, status_code=503)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()

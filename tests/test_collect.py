@@ -18,9 +18,11 @@ from typer.testing import CliRunner
 
 from sap.agent.engines.base import SamplingParams
 from sap.agent.engines.openai_chat import MessageTokenizer, OpenAIChatEngine, TeacherError
+from sap.agent.retrieval import RetrieverUnavailable
 from sap.cli import app
 from sap.rules.atomic import read_jsonl
 from sap.rules.config import PrepareSFTConfig, load_config
+from sap.rules.errors import RunFailed
 from sap.rules.prompts import build_prompt, information_block
 from sap.rules.tags import STOP_STRINGS, cut_at_stop, unclosed_stop
 from sap.stages import prepare_sft
@@ -261,6 +263,19 @@ def test_errors_timeouts_are_retried_then_counted_as_failed(tmp_path, retriever_
         assert ids == ["0/0", "1/0", "2/0", "3/0", "4/0"]
 
 
+def test_failed_searches_fail_samples_then_stop_the_run(tmp_path):
+    dataset, script = write_questions(tmp_path / "q.jsonl", ["good"] * 6)
+    with serve(script) as url:
+        broken_retriever = url.removesuffix("/v1")
+        cfg = make_cfg(tmp_path, dataset, url, broken_retriever, "retriever.max_retries=0", "collect.max_in_flight=1")
+        with pytest.raises(RunFailed, match=r"2 of 2 searches failed.*rerun the same command"):
+            collect(cfg)
+    samples = list(read_jsonl(cfg.run_dir / "collect" / "samples.jsonl"))
+    assert len(samples) == 2 and all(s["status"] == "failed" and s["error"].startswith("retriever failed on 1 search") for s in samples)
+    report = json.loads((cfg.run_dir / "collect" / "collect_report.json").read_text())
+    assert report["failed"] == 2 and report["failure_reasons"] == {"retriever": 2} and report["kept"] == 0
+
+
 def test_setup_errors_are_clear(tmp_path, retriever_url, monkeypatch):
     dataset, script = write_questions(tmp_path / "q.jsonl", ["good"])
     with serve(script) as url:
@@ -272,7 +287,7 @@ def test_setup_errors_are_clear(tmp_path, retriever_url, monkeypatch):
         with pytest.raises(TeacherError, match=r"SAP_TEST_NO_SUCH_KEY.*not set"):
             collect(cfg)
         cfg = make_cfg(tmp_path, dataset, url, "http://127.0.0.1:9", "experiment=dead")
-        with pytest.raises(CollectError, match=r"/health.*sap retriever serve"):
+        with pytest.raises(RetrieverUnavailable, match=r"/health.*sap retriever serve"):
             collect(cfg)
         # settings that generation depends on changed: refused, --restart starts over
         cfg = make_cfg(tmp_path, dataset, url, retriever_url)

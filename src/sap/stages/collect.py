@@ -32,7 +32,7 @@ from typing import Any
 
 from sap.agent.engines.base import Engine
 from sap.agent.loop import AgentSettings, Episode, SearchAgent
-from sap.agent.retrieval import RetrievalError, RetrieverClient
+from sap.agent.retrieval import RetrieverClient, SearchFailureGuard, require_healthy
 from sap.rules.atomic import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
 from sap.rules.config import CollectFiltersConfig, ExperimentConfig
 from sap.rules.errors import SapError
@@ -290,10 +290,8 @@ def collect(
         report = _finish(cfg, out, planned, done, teacher, run)
         return CollectResult(out, report, 0, _paths(out))
     retriever = retriever or RetrieverClient.from_config(cfg.retriever)
-    try:
-        retriever.health()
-    except RetrievalError as e:
-        raise CollectError(f"{e}; start it first (sap retriever serve ...) or set retriever.url") from None
+    require_healthy(cfg.retriever, retriever)  # before loading or calling a teacher
+    guard = SearchFailureGuard(cfg.retriever.max_failure_rate)
     own_engine = engine is None
     engine = engine or build_teacher(cfg)
     wanted = {q.id for q in planned}
@@ -315,9 +313,12 @@ def collect(
                 finished += rec["status"] == "ok"
                 failed += rec["status"] != "ok"
                 kept += rec["kept"]
+                guard.add(rec["stats"]["searches"], rec["stats"]["retrieval_failures"])
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(keep=f"{kept / max(1, finished + failed):.2f}", kept=kept, failed=failed)
+                if guard.exceeded:
+                    break
     finally:
         run["wall_s"] = time.perf_counter() - t0
         if bar is not None:
@@ -327,6 +328,7 @@ def collect(
         if own_engine:
             engine.close()
         report = _finish(cfg, out, planned, done, teacher, run)  # also after Ctrl-C: the outputs match the log
+    guard.check(retriever.base_url, f"The {len(done)} finished samples are kept in {samples_path}.")
     return CollectResult(out, report, run["new_samples"], _paths(out))
 
 
