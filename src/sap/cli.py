@@ -185,12 +185,12 @@ def prepare_sft_cmd(
     files = list(inputs or p.inputs)
     if not files:
         fail("no input files: give INPUT paths or set sft.prepare.inputs in the config")
-    missing = [str(f) for f in files if not Path(f).is_file()]
+    missing = [str(f) for f in files if not Path(f).exists()]
     if missing:
         fail(f"input file not found: {', '.join(missing)}")
     run_dir = record_run(cfg, "prepare-sft")
     out_dir = out or run_dir / "sft" / "data"
-    result = stage.prepare(files, p, cfg.prompt_template, progress=sys.stderr.isatty())
+    result = stage.prepare(files, p, cfg.prompt_template, progress=sys.stderr.isatty(), layout=cfg.sft_layout)
     report = stage.build_report(result, files, p)
     failed = p.strict and bool(result.malformed)
     stage.write_outputs(result, out_dir, report, write_data=not failed)

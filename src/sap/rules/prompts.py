@@ -20,6 +20,10 @@ SEARCHR1_INSTRUCTION = (
     "<answer> Beijing </answer>. "
 )
 
+#: The instruction the paper's AFM preprocessing (``afm_mhqa_search.py``) puts in every record:
+#: the Search-R1 instruction without its trailing space and without the question.
+AFM_SEARCHR1_INSTRUCTION = SEARCHR1_INSTRUCTION.rstrip(" ")
+
 INVALID_ACTION_MESSAGE = (
     "\nMy previous action is invalid. If I want to search, I should put the query between "
     "<search> and </search>. If I want to give the final answer, I should put the answer "

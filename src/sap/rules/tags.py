@@ -219,6 +219,26 @@ def extract_answer(response: str) -> str:
     return found[-1].strip() if found else ""
 
 
+#: AFM (Chain-of-Agents) tags -> Search-R1 tags, as the paper's ``afm_mhqa_search.py`` maps them.
+AFM_TAGS: dict[str, str] = {"plan": THINK, "reflection": THINK, "wiki_search": SEARCH, "observation": INFORMATION}
+_AFM_TAG_RE = re.compile(r"</?(?:plan|reflection|wiki_search|observation)>")
+_ADJACENT_THINKS_RE = re.compile(r"</think>\s*<think>")
+
+
+def has_afm_tags(text: str) -> bool:
+    return bool(_AFM_TAG_RE.search(text or ""))
+
+
+def afm_to_searchr1(text: str) -> str:
+    """The paper's AFM mapping: each AFM tag literally replaced by its Search-R1 tag, then every
+    ``</think>``, whitespace, ``<think>`` replaced by one newline (adjacent thinks merged)."""
+    if not text:
+        return ""
+    for afm, tag in AFM_TAGS.items():
+        text = text.replace(f"<{afm}>", f"<{tag}>").replace(f"</{afm}>", f"</{tag}>")
+    return _ADJACENT_THINKS_RE.sub("\n", text)
+
+
 def extract_answer_paper(text: str) -> str:
     """The paper's answer extraction (``compute_metrics.py``/``infer.py``): the text of the
     *first* ``<answer>`` of ``text`` (its last turn), stripped; with no ``<answer>``, the whole

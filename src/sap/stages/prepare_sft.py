@@ -3,11 +3,27 @@
 The paper's rule: a trajectory with N searches gives N+1 samples, one per model action. The
 instruction of sample k is the prompt plus the history of actions 1..k-1 with their
 ``<information>`` blocks; ``input`` is empty; the output is action k.
+
+Two layouts (``sft.prepare.layout``, following ``protocol``):
+
+- ``sap``: every trajectory parsed and validated by :mod:`sap.rules.tags`, filtered, its actions
+  re-rendered, the prompt rebuilt from the question (or kept with ``keep_prompt``).
+- ``paper``: the paper's scripts byte for byte, quirks included (:func:`paper_samples`). Each
+  Alpaca record (``instruction``, ``input``, ``output``) is cut at its ``<information>…</information>``
+  blocks; each stripped non-empty segment is one sample's output, with instruction
+  ``f"{instruction}\\n\\n{input}\\n"`` plus the segments and blocks before it, verbatim (an
+  empty segment is skipped together with the block after it). A file with AFM tags anywhere
+  (``<plan>``, ``<reflection>``, ``<wiki_search>``, ``<observation>``) is AFM teacher data and
+  first gets what ``afm_mhqa_search.py`` does to every record: tags mapped, adjacent thinks
+  merged, the instruction replaced by the Search-R1 instruction. No validation, no filters;
+  the data file is written as ``json.dump(samples, indent=2, ensure_ascii=False)``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,11 +32,24 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sap.rules.atomic import atomic_write_json
+from sap.rules.atomic import atomic_write_json, atomic_write_text
 from sap.rules.config import PrepareSFTConfig
-from sap.rules.prompts import build_prompt
+from sap.rules.errors import SapError
+from sap.rules.prompts import AFM_SEARCHR1_INSTRUCTION, build_prompt
 from sap.rules.scoring import f1
-from sap.rules.tags import ANSWER, SEARCH, TEXT, THINK, parse, render_action, render_history, split_actions, validate
+from sap.rules.tags import (
+    ANSWER,
+    SEARCH,
+    TEXT,
+    THINK,
+    afm_to_searchr1,
+    has_afm_tags,
+    parse,
+    render_action,
+    render_history,
+    split_actions,
+    validate,
+)
 from sap.stages.trajectory_io import Episode, Where, read_episodes
 
 DATA_FILE = "iterative_sft_data.json"
@@ -48,6 +77,8 @@ class PrepareResult:
     searches: Counter = field(default_factory=Counter)
     warnings: Counter = field(default_factory=Counter)
     duplicate_samples: int = 0
+    layout: str = "sap"
+    afm_files: list[str] = field(default_factory=list)
 
     @property
     def malformed(self) -> list[Rejection]:
@@ -89,10 +120,120 @@ def _filter_reason(episode: Episode, steps: Sequence, cfg: PrepareSFTConfig) -> 
     return None
 
 
+class PrepareError(SapError, ValueError):
+    """Inputs or settings prepare-sft cannot use."""
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Input paths with each folder replaced by its ``.json``/``.jsonl`` files (sorted, hidden
+    ones and those under hidden folders left out: a downloaded hub dataset's folder works)."""
+    out: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix in (".json", ".jsonl") and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                raise PrepareError(f"{p}: no .json or .jsonl file in this folder")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+# --- the paper's layout (afm_mhqa_search.py + make_iterative_sft_data.py) --------------------
+
+_INFORMATION_BLOCK = re.compile(r"(<information>.*?</information>)", re.DOTALL)
+
+
+def paper_samples(system: str, user_input: str, output: str) -> list[dict[str, str]]:
+    """``make_iterative_sft_data.py``'s split of one record (see the module docstring)."""
+    parts = _INFORMATION_BLOCK.split(output)
+    history = f"{system}\n\n{user_input}\n"
+    samples = []
+    for i in range(0, len(parts), 2):
+        segment = parts[i].strip()
+        if not segment:
+            continue
+        samples.append({"instruction": history, "input": "", "output": segment})
+        history += segment
+        if i + 1 < len(parts):
+            history += parts[i + 1]
+    return samples
+
+
+def _raw_records(path: Path) -> list[tuple[Where, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((Where(str(path), line=lineno), json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise PrepareError(f"{path}: the paper's layout reads a JSON list of Alpaca records (instruction, input, output)")
+    return [(Where(str(path), index=i), r) for i, r in enumerate(data)]
+
+
+def prepare_paper(inputs: Iterable[str | Path], cfg: PrepareSFTConfig, progress: bool = False) -> PrepareResult:
+    """The paper's layout, byte for byte (module docstring). Filters are sap's and refused here."""
+    used = [
+        name
+        for name, on in (
+            ("min_f1", cfg.min_f1 is not None),
+            ("require_search", cfg.require_search),
+            ("reject_phrases", bool(cfg.reject_phrases)),
+            ("dedupe", cfg.dedupe),
+        )
+        if on
+    ]
+    if used:
+        raise PrepareError(
+            f"sft.prepare.{', sft.prepare.'.join(used)}: the paper's scripts have no filters; unset them, or use sft.prepare.layout: sap"
+        )
+    result = PrepareResult(layout="paper")
+    for path in expand_inputs(inputs):
+        records = _raw_records(path)
+        afm = any(isinstance(r, dict) and isinstance(r.get("output"), str) and has_afm_tags(r["output"]) for _, r in records)
+        if afm:
+            result.afm_files.append(str(path))
+        for where, r in tqdm(records, desc=f"prepare-sft {path.name}", unit=" traj", disable=not progress):
+            result.trajectories_read += 1
+            if not isinstance(r, dict):
+                result.rejections.append(Rejection(where, f"record is a JSON {type(r).__name__}, expected an object", "malformed"))
+                continue
+            fields = [r.get("instruction", ""), r.get("input", ""), r.get("output", "")]
+            if not all(isinstance(x, str) for x in fields):
+                result.rejections.append(Rejection(where, "Alpaca fields 'instruction', 'input', 'output' must be strings", "malformed"))
+                continue
+            system, user_input, output = fields
+            if afm:
+                system, output = AFM_SEARCHR1_INSTRUCTION, afm_to_searchr1(output)
+            samples = paper_samples(system, user_input, output)
+            result.trajectories_kept += 1
+            result.searches[len(samples) - 1 if samples else 0] += 1
+            result.samples.extend(samples)
+    return result
+
+
 def prepare(
-    inputs: Iterable[str | Path], cfg: PrepareSFTConfig, prompt_template: str = "searchr1", progress: bool = False
+    inputs: Iterable[str | Path], cfg: PrepareSFTConfig, prompt_template: str = "searchr1", progress: bool = False, layout: str = "sap"
 ) -> PrepareResult:
-    """Read every input, split valid trajectories into samples, record every rejection."""
+    """Read every input, split valid trajectories into samples, record every rejection.
+    ``layout="paper"``: :func:`prepare_paper`."""
+    if layout == "paper":
+        return prepare_paper(inputs, cfg, progress)
+    inputs = expand_inputs(inputs)
     result = PrepareResult()
     seen_trajectories: dict[str, Where] = {}
     seen_samples: set[str] = set()
@@ -164,6 +305,8 @@ def build_report(result: PrepareResult, inputs: Sequence[str | Path], cfg: Prepa
     kept = result.trajectories_kept
     total_searches = sum(k * v for k, v in result.searches.items())
     return {
+        "layout": result.layout,
+        "afm_files": result.afm_files,
         "inputs": [str(p) for p in inputs],
         "trajectories_read": result.trajectories_read,
         "trajectories_kept": kept,
@@ -189,7 +332,10 @@ def write_outputs(result: PrepareResult, out_dir: str | Path, report: dict[str, 
     """Write data, dataset_info and report atomically; the report always, the data only
     when ``write_data``."""
     out = Path(out_dir)
-    if write_data:
+    if write_data and result.layout == "paper":  # make_iterative_sft_data.py's bytes
+        atomic_write_text(out / DATA_FILE, json.dumps(result.samples, indent=2, ensure_ascii=False))
+        atomic_write_json(out / DATASET_INFO_FILE, dataset_info())
+    elif write_data:
         atomic_write_json(out / DATA_FILE, result.samples)
         atomic_write_json(out / DATASET_INFO_FILE, dataset_info())
     atomic_write_json(out / REPORT_FILE, report)
