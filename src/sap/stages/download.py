@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sap.rules.atomic import atomic_write_json
+from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.errors import RunFailed, SapError
 
 
@@ -359,21 +359,11 @@ def download(names: Sequence[str] = (), root: str | Path = "downloads", dry_run:
 # --- post-processing ------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp")
-
-
 def gunzip_corpus(folder: Path, root: Path, source: Source) -> Path:
     """``wiki-18.jsonl.gz`` -> ``wiki-18.jsonl`` (the corpus ``retriever.corpus`` names)."""
-    src = folder / "wiki-18.jsonl.gz"
     out = folder / "wiki-18.jsonl"
-    tmp = _atomic_target(out)
-    with gzip.open(src, "rb") as fin, tmp.open("wb") as fout:
+    with atomic_path(out) as tmp, gzip.open(folder / "wiki-18.jsonl.gz", "rb") as fin, tmp.open("wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 22)
-        fout.flush()
-        os.fsync(fout.fileno())
-    tmp.replace(out)
     return out
 
 
@@ -381,15 +371,11 @@ def concat_index(folder: Path, root: Path, source: Source) -> Path:
     """``part_aa`` + ``part_ab`` -> ``e5_Flat.index`` (Search-R1's flat E5 FAISS index, as
     ``cat part_* > e5_Flat.index``); the parts are deleted once the index is complete."""
     out = folder / "e5_Flat.index"
-    tmp = _atomic_target(out)
     parts = [folder / name for name in source.files or ()]
-    with tmp.open("wb") as fout:
+    with atomic_path(out) as tmp, tmp.open("wb") as fout:
         for part in parts:
             with part.open("rb") as fin:
                 shutil.copyfileobj(fin, fout, 1 << 22)
-        fout.flush()
-        os.fsync(fout.fileno())
-    tmp.replace(out)
     for part in parts:
         part.unlink()
     return out
@@ -431,10 +417,8 @@ def nq_search_parquet(folder: Path, root: Path, source: Source) -> Path:
     for split in ("train", "test"):
         with (folder / "nq" / f"{split}.jsonl").open(encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
-        out = out_dir / f"{split}.parquet"
-        tmp = _atomic_target(out)
-        pd.DataFrame(nq_search_rows(records, split)).to_parquet(tmp, index=False)
-        tmp.replace(out)
+        with atomic_path(out_dir / f"{split}.parquet", suffix=".parquet") as tmp:
+            pd.DataFrame(nq_search_rows(records, split)).to_parquet(tmp, index=False)
     return out_dir
 
 
