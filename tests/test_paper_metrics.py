@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -223,3 +224,17 @@ def test_paper_scoring_edge_files(tmp_path):
     assert score_file(lines, "paper") == {"n": n, "em": em_ref, "rouge_l": rouge_ref}
     result = CliRunner().invoke(app, ["score", "--metrics", "nope", "--predictions", str(lines)])
     assert result.exit_code == 2 and "unknown metric set" in result.output
+
+
+def test_nq_test_gold_strings_that_normalise_differently():
+    """The issue's figure: 7.2% of the NQ test gold strings normalise differently in the two sets."""
+    import pandas as pd
+
+    from sap.rules.scoring import normalize
+
+    df = pd.read_parquet(Path(__file__).resolve().parents[1] / "data" / "nq" / "searchr1_nq_search_test.parquet")
+    golds = [g for answers in df.golden_answers for g in answers]
+    differ = [g for g in golds if normalize(g) != paper_normalize(g)]
+    assert (len(golds), len(differ)) == (6490, 468) and round(len(differ) / len(golds), 3) == 0.072
+    assert "Wilhelm Conrad Röntgen" in differ and "Ice-T" in differ
+    assert all(paper_normalize(g) == ref_normalize(g) for g in golds)

@@ -158,9 +158,23 @@ class Plan:
                 + f" -> {self.root / s.local_dir}"
             )
         lines.append(f"total to download: {gb(self.bytes_to_download)} GB")
+        free = free_bytes(self.root)
+        if free is not None:
+            lines.append(f"free disk at {self.root}: {gb(free)} GB" + ("  -- NOT ENOUGH" if free < self.bytes_to_download else ""))
         if any(f.source.then == "concat_index" and not f.present for f in self.files):
             lines.append("  (the index parts are joined into e5_Flat.index and then deleted: about as much again while joining)")
         return "\n".join(lines)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space of the file system ``path`` is (or will be) on."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
 
 
 def gb(n: int) -> str:
