@@ -76,6 +76,8 @@ PAPER_VALUES: dict[str, tuple[object, str]] = {
     "eval.dtype": ("bfloat16", "run_nq_eval.sh DTYPE"),
     "eval.gpu_memory_utilization": (0.9, "run_nq_eval.sh GPU_MEMORY_UTILIZATION"),
     "eval.limit": (None, "run_nq_eval.sh MAX_SAMPLES empty: every question"),
+    # not the paper's (it used the AFM file), but never on NQ test questions
+    "collect.dataset": ("downloads/nq_search/train.parquet", "NQ train, as the PPO prompts"),
 }
 
 
