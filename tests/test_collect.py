@@ -325,21 +325,34 @@ def test_sigkilled_run_resumes_with_nothing_lost_or_duplicated(tmp_path, retriev
         )
         out = tmp_path / "out"
         cmd = [sys.executable, "-m", "sap", "collect", "--config", str(cfg_file), "--out", str(out)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                path = out / "samples.jsonl"
-                if path.exists() and path.read_text().count("\n") >= 6:
-                    break
-                assert proc.poll() is None, proc.stdout.read().decode()
-                time.sleep(0.05)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
+
+        def run_until(lines: int, sig: int) -> int:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    path = out / "samples.jsonl"
+                    if path.exists() and path.read_text().count("\n") >= lines:
+                        break
+                    assert proc.poll() is None, proc.stdout.read().decode()
+                    time.sleep(0.05)
+                os.kill(proc.pid, sig)
+                return proc.wait(timeout=60)
+            finally:
+                proc.kill()
+                proc.wait(timeout=30)
+
+        # Ctrl-C: stops at once (exit 130), the outputs are written for what finished
+        assert run_until(3, signal.SIGINT) == 130
+        interrupted = list(read_jsonl(out / "samples.jsonl"))
+        report = json.loads((out / "collect_report.json").read_text())
+        assert report["samples_done"] == len(interrupted) < 32
+        assert len(list(read_jsonl(out / "trajectories.jsonl"))) == report["kept"]
+        # kill -9 midway
+        run_until(len(interrupted) + 3, signal.SIGKILL)
         first = list(read_jsonl(out / "samples.jsonl"))
-        assert 6 <= len(first) < 32, len(first)
+        assert first[: len(interrupted)] == interrupted
+        assert len(interrupted) + 3 <= len(first) < 32, len(first)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "32/32 samples" in r.stdout and "kept" in r.stdout

@@ -309,8 +309,14 @@ class OpenAIChatEngine:
         return Generation(self.tokenizer.teacher_ids(text), text, finish, completion, stop, prompt_tokens=prompt)
 
     def close(self) -> None:
+        """Cancel requests still in flight (after Ctrl-C), close the connections and the loop."""
         if self._loop.is_closed():
             return
+        pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         if self._client is not None:
             self._loop.run_until_complete(self._client.aclose())
             self._client = None
