@@ -327,7 +327,8 @@ def collect(
         run["endpoint"] = usage.as_dict() if usage is not None else None
         if own_engine:
             engine.close()
-        report = _finish(cfg, out, planned, done, teacher, run)  # also after Ctrl-C: the outputs match the log
+        done = _read_done(samples_path)  # also after Ctrl-C (even between a write and its count): outputs match the log
+        report = _finish(cfg, out, planned, done, teacher, run)
     guard.check(retriever.base_url, f"The {len(done)} finished samples are kept in {samples_path}.")
     return CollectResult(out, report, run["new_samples"], _paths(out))
 
