@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,41 +145,6 @@ def load(port: int, bodies: list[bytes], concurrency: int) -> dict[str, float]:
     }
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("server not ready")
-
-
-def run_server(cmd: list[str], port: int):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, proc)
-    except Exception:
-        proc.kill()
-        raise
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 # --- parts ----------------------------------------------------------------------------------
 
 
@@ -223,7 +187,7 @@ def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int], r
     alternating servers, and the round with the median requests/s is reported, so that a
     passing disturbance of the shared machine hits every server alike."""
     from sap_retriever.corpus import read_oracle
-    from sap_retriever.launch import free_port
+    from sap_retriever.launch import ServerProcess, free_port
 
     questions = [q.question for q in read_oracle(oracle)]
     single = [
@@ -241,16 +205,18 @@ def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int], r
         "sap-comp": lambda port: [py, "-m", "sap", "retriever", "serve", "--index", str(index_dir), "--port", str(port), "--compile"],
     }
     ports = {name: free_port() for name in commands}
-    procs: dict[str, subprocess.Popen] = {}
+    servers = contextlib.ExitStack()
     results: dict = {name: {} for name in commands}
 
     def median_round(runs: list[dict]) -> dict:
         runs = sorted(runs, key=lambda r: r["rps"])
         return {**runs[len(runs) // 2], "rps_all_rounds": [round(r["rps"], 1) for r in runs]}
 
-    try:
+    with servers:
         for name, cmd in commands.items():
-            procs[name] = run_server(cmd(ports[name]), ports[name])
+            servers.enter_context(
+                ServerProcess(cmd(ports[name]), f"http://127.0.0.1:{ports[name]}", startup_timeout_s=600, stop_timeout_s=20)
+            )
         loads = [(f"c{c}", single[: min(len(single), 100 * c)], c) for c in levels] + [("batch32", batched, 1)]
         for key, bodies, c in loads:
             runs: dict[str, list[dict]] = {name: [] for name in commands}
@@ -264,9 +230,6 @@ def serving(index_dir: Path, oracle: Path, n_requests: int, levels: list[int], r
                     print(f"{name:<8} 32 queries/request, c=1: {r['qps']:8.1f} queries/s", flush=True)
                 else:
                     print(f"{name:<8} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms", flush=True)
-    finally:
-        for proc in procs.values():
-            stop(proc)
     for name in ("sap", "sap-comp"):
         for c in levels:
             ratio = results[name][f"c{c}"]["rps"] / results["baseline"][f"c{c}"]["rps"]
