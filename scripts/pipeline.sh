@@ -76,14 +76,7 @@ if want retriever; then
     step "retriever: serving $index at $url (log: $logs/retriever.log)"
     "$SAP" retriever serve --index "$index" --port "$port" --config "$config" "${sets[@]}" >"$logs/retriever.log" 2>&1 &
     retriever_pid=$!
-    for _ in $(seq 1 600); do
-      if python3 - "$url" <<'EOF' 2>/dev/null; then break; fi
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1] + "/health", timeout=1)
-EOF
-      kill -0 "$retriever_pid" 2>/dev/null || { echo "pipeline: the retriever exited:" >&2; tail -20 "$logs/retriever.log" >&2; exit 1; }
-      sleep 0.2
-    done
+    "$SAP" retriever wait --url "$url" --pid "$retriever_pid" --timeout 600 --log "$logs/retriever.log"
   fi
   sets+=(--set "retriever.url=$url")
 fi

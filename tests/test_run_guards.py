@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,26 @@ def test_eval_stops_when_searches_fail_and_resumes(tmp_path, tiny_model, bm25_in
         resumed = evaluate_group(cfg(url2), "scripted", engine=ScriptedEngine(tok, search_then_answer))
     assert (resumed["n"], resumed["new_this_run"], resumed["retrieval_failures"], resumed["searches"]) == (12, 7, 0, 12)
     assert "failed searches" not in markdown("guard", {"scripted": resumed})
+
+
+def test_retriever_wait_cli(tmp_path, retriever_url):
+    """``sap retriever wait`` (what scripts/pipeline.sh calls after starting the server):
+    returns once /health answers; fails fast, with the log's end, when the server exits."""
+    from typer.testing import CliRunner
+
+    from sap.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["retriever", "wait", "--url", retriever_url, "--timeout", "10"])
+    assert r.exit_code == 0 and f"retriever ready at {retriever_url}" in r.output, r.output
+
+    log = tmp_path / "retriever.log"
+    log.write_text("Traceback ...\nCorpusError: no passages\n")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    t0 = time.monotonic()
+    r = runner.invoke(app, ["retriever", "wait", "--url", dead_url(), "--pid", str(gone.pid), "--timeout", "60", "--log", str(log)])
+    assert r.exit_code == 1 and "exited" in r.output and "CorpusError: no passages" in r.output, r.output
+    assert time.monotonic() - t0 < 30  # did not wait for the timeout
+    r = runner.invoke(app, ["retriever", "wait", "--url", dead_url(), "--timeout", "1"])
+    assert r.exit_code == 1 and "not ready after 1s" in r.output, r.output

@@ -64,7 +64,7 @@ def _tail(log_path: str | os.PathLike[str] | None, n: int = 4000) -> str:
 def wait_healthy(
     url: str,
     timeout_s: float,
-    exit_code: Callable[[], int | None] | None = None,
+    exit_code: Callable[[], object | None] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     interval_s: float = 0.2,
 ) -> dict:
@@ -83,6 +83,23 @@ def wait_healthy(
         if time.monotonic() >= deadline:
             raise RetrieverStartError(f"retriever server at {url} not ready after {timeout_s:.0f}s (log: {log_path}):\n{_tail(log_path)}")
         time.sleep(interval_s)
+
+
+def wait_for_server(url: str, pid: int | None = None, timeout_s: float = 600.0, log_path: str | os.PathLike[str] | None = None) -> dict:
+    """:func:`wait_healthy` for a server started by someone else (``scripts/pipeline.sh``
+    starts ``sap retriever serve`` in the background, then runs ``sap retriever wait``), watching
+    its process ``pid`` when given."""
+
+    def exited() -> str | None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "?"
+        except PermissionError:
+            pass
+        return None
+
+    return wait_healthy(url, timeout_s, exited if pid else None, log_path)
 
 
 class ServerProcess:

@@ -476,6 +476,26 @@ def retriever_serve(
         fail(str(e))
 
 
+@retriever_app.command("wait")
+def retriever_wait(
+    url: Annotated[str, typer.Option(help="The server's base URL, e.g. http://127.0.0.1:8000.")],
+    pid: Annotated[int | None, typer.Option(help="The server's process id: stop waiting if it exits.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 600.0,
+    log: Annotated[Path | None, typer.Option(help="The server's log; its end is shown if the server fails.")] = None,
+) -> None:
+    """Wait until a retriever answers GET /health (how scripts/pipeline.sh waits for the one it starts).
+
+    Example:
+
+        sap retriever serve --index indexes/demo --port 8123 > retriever.log 2>&1 &
+        sap retriever wait --url http://127.0.0.1:8123 --pid $! --log retriever.log
+    """
+    from sap_retriever.launch import wait_for_server
+
+    wait_for_server(url, pid, timeout, log)
+    typer.echo(f"retriever ready at {url}")
+
+
 @app.command("train-ppo")
 def train_ppo_cmd(
     init: Annotated[
