@@ -135,8 +135,6 @@ def convert_oracle(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 # --- the columnar store --------------------------------------------------------------------
 
-STORE_FILES = ("contents.bin", "contents.offsets.npy", "ids.bin", "ids.offsets.npy", "store.json")
-
 
 class _BlobWriter:
     def __init__(self, path: Path):

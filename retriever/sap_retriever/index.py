@@ -104,10 +104,6 @@ def iter_shards(out: Path):
         yield np.ascontiguousarray(np.load(path))
 
 
-def load_embeddings(out: Path) -> np.ndarray:
-    return np.concatenate(list(iter_shards(out)))
-
-
 def make_faiss_index(kind: str, dim: int, n: int, cfg: RetrieverIndexConfig):
     """An empty FAISS index of ``kind`` for ``n`` vectors of ``dim`` (inner product)."""
     import faiss

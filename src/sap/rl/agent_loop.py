@@ -41,8 +41,6 @@ from sap.rules.tags import STOP_STRINGS, parse_action
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("SAP_LOGGING_LEVEL", "WARNING"))
 
-AGENT_NAME = "sap_search"
-
 
 @dataclass
 class TrajectoryStats:
@@ -75,7 +73,7 @@ class SearchAgentLoop(AgentLoopBase):
     """Search-R1 multi-turn rollouts: think, search, read ``<information>``, answer.
 
     Registered with VeRL by ``ppo/agent_loop.yaml`` (``actor_rollout_ref.rollout.agent.
-    agent_loop_config_path``, written by ``sap train-ppo``) under the name ``sap_search``; every
+    agent_loop_config_path``, written by ``sap train-ppo``) under the name ``sap_search`` (``sap.stages.train_ppo.AGENT_NAME``); every
     key of that entry besides ``name`` and ``_target_`` arrives here as a keyword argument.
     (Deliberately not also decorated with VeRL's ``@register``: importing the module would
     then replace the YAML entry, and its settings, in VeRL's registry.)
