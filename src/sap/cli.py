@@ -537,7 +537,7 @@ def train_ppo_cmd(
     """
     import shlex
 
-    from sap.agent.retrieval import RetrievalError, RetrieverClient
+    from sap.agent.retrieval import RetrievalError, require_healthy
     from sap.rules.atomic import atomic_write_text
     from sap.rules.rundir import record_run
     from sap.stages import train_ppo as stage
@@ -550,10 +550,10 @@ def train_ppo_cmd(
             fail(f"--init {init!r}: expected 'sft' or 'base'")
         cfg.ppo.init = init
     try:
-        RetrieverClient.from_config(cfg.retriever).health()
+        require_healthy(cfg.retriever)  # before a model is loaded
     except RetrievalError as e:
         if not dry_run or rollouts:
-            fail(f"{e}\nstart it first (sap retriever serve ...) or set retriever.url")
+            fail(str(e))
         typer.secho(f"warning: {e} (ignored by --dry-run)", fg=typer.colors.YELLOW, err=True)
     run_dir = record_run(cfg, "train-ppo")
     ppo_dir = run_dir / "ppo"
