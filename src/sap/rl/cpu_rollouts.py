@@ -31,6 +31,7 @@ def run(overrides: list[str], n: int, out: Path) -> dict[str, Any]:
     from sap.rl.compose import compose
     from sap.rl.hf_server import HFGenerationServer
     from sap.rules.atomic import JsonlAppender
+    from sap.rules.questions import gold_answers
 
     config = compose(overrides)
     server = HFGenerationServer(config.actor_rollout_ref.model.path)
@@ -61,7 +62,7 @@ def run(overrides: list[str], n: int, out: Path) -> dict[str, Any]:
             sink.write(
                 {
                     "question": _plain(fields.get("question")),
-                    "golden_answers": _plain(gold.get("target")),
+                    "golden_answers": gold_answers(gold),
                     "response": response,
                     "generated_tokens": sum(mask),
                     "observation_tokens": len(mask) - sum(mask),
