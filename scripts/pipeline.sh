@@ -103,7 +103,7 @@ if want train-sft; then
 fi
 
 if want train-ppo; then
-  if python3 -c 'import ctypes; ctypes.CDLL("libcuda.so.1")' 2>/dev/null; then
+  if [ "$("$SAP" doctor --gpus --config "$config" "${sets[@]}")" -gt 0 ]; then   # GPUs torch sees in the RL environment
     step "train-ppo (GPU) -> $run_dir/ppo/merged"
     "$SAP" train-ppo --config "$config" "${sets[@]}"
   else

@@ -98,3 +98,70 @@ def test_protocol_selects_the_eval_loop_unless_overridden():
     assert load_config(None, ["eval.loop=paper"]).eval_loop == "paper"
     with pytest.raises(ConfigError, match=r"protocol"):
         load_config(None, ["protocol=squad"])
+
+
+def test_every_key_has_help_from_its_docstring():
+    """Each leaf key's help is its field docstring (pydantic's use_attribute_docstrings)."""
+    from pydantic import BaseModel
+
+    from sap.rules.config import explain
+
+    def leaves(model: type[BaseModel], prefix: str = ""):
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from leaves(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    undocumented = [k for k in leaves(ExperimentConfig) if not explain(k).help]
+    assert undocumented == [], undocumented
+
+
+def test_config_explain_prints_type_default_and_help():
+    from typer.testing import CliRunner
+
+    from sap.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["config", "explain", "ppo.rollout_n"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("ppo.rollout_n  (int | None)  default: null") and "Samples per question" in r.output
+    r = runner.invoke(app, ["config", "explain", "eval"])
+    assert r.exit_code == 0 and "EvalConfig" in r.output and "max_turns" in r.output and "temperature" in r.output
+    r = runner.invoke(app, ["config", "explain", "ppo.algorithm"])
+    assert "'ppo' | 'grpo'" in r.output and 'default: "ppo"' in r.output
+    r = runner.invoke(app, ["config", "explain", "eval.tempx"])
+    assert r.exit_code == 2 and "unknown key 'eval.tempx'" in r.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.algorithm=grpo", "ppo.rollout_n=1"], r"ppo\.algorithm=grpo needs ppo\.rollout_n >= 2 \(got 1\)"),
+        (["ppo.ppo_mini_batch_size=64"], r"ppo\.ppo_mini_batch_size=64 is larger than ppo\.train_batch_size=32"),
+        (["ppo.response_budget=100"], r"ppo\.response_budget=100 is below ppo\.max_response_length=500"),
+        (["eval.max_new_tokens=8192"], r"eval\.max_new_tokens=8192 leaves no room for the prompt in eval\.max_model_len=8192"),
+        (["eval.min_turn_tokens=2000"], r"eval\.min_turn_tokens=2000 is above eval\.max_new_tokens=1024"),
+        (["sft.nnodes=2", "sft.node_rank=2"], r"sft\.node_rank=2 must be below sft\.nnodes=2"),
+    ],
+)
+def test_cross_field_checks_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_cross_field_checks_accept_what_is_possible():
+    cfg = load_config(None, ["ppo.algorithm=grpo", "ppo.rollout_n=2", "ppo.ppo_mini_batch_size=8", "sft.nnodes=2", "sft.node_rank=1"])
+    assert cfg.ppo.samples_per_prompt == 2
+    assert load_config(None, ["ppo.algorithm=grpo"]).ppo.samples_per_prompt == 5  # the default for grpo
+
+
+def test_flags_go_through_the_same_loading():
+    """A command's flags are dotted keys applied after --set, with the same key and type checks."""
+    cfg = load_config(None, ["eval.limit=3"], {"eval.limit": 5, "eval.dataset": Path("/x/q.jsonl"), "eval.seed": None})
+    assert (cfg.eval.limit, cfg.eval.dataset, cfg.eval.seed) == (5, "/x/q.jsonl", 0)
+    with pytest.raises(ConfigError, match=r"eval\.limit='zero'.*\n  eval\.limit: Input should be a valid integer"):
+        load_config(None, [], {"eval.limit": "zero"})
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.lmit'"):
+        load_config(None, [], {"eval.lmit": 5})

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sap.cli import app
-from sap.rules.config import load_config
+from sap.rules.config import VERL_OWNED, ConfigError, load_config
 from sap.stages import train_ppo as stage
 
 
@@ -102,10 +102,27 @@ def test_overrides_follow_the_experiment_config():
     assert o["actor_rollout_ref.rollout.n"] == "5" and o["actor_rollout_ref.model.lora_rank"] == "32"
     assert o["trainer.logger"] == "[console,wandb,file]" and o["trainer.nnodes"] == "2"
 
-    cfg = load_config(None, ["ppo.verl={trainer.save_freq: 7, +actor_rollout_ref.rollout.max_num_seqs: 64}", "ppo.reward=em_format"])
+    cfg = load_config(
+        None, ["ppo.verl={trainer.val_before_train: false, +actor_rollout_ref.rollout.max_num_seqs: 64}", "ppo.reward=em_format"]
+    )
     o = overrides_dict(cfg)
-    assert o["trainer.save_freq"] == "7" and o["+actor_rollout_ref.rollout.max_num_seqs"] == "64"  # pass-through wins
+    assert o["trainer.val_before_train"] == "false" and o["+actor_rollout_ref.rollout.max_num_seqs"] == "64"  # passed through
     assert o["+reward.custom_reward_function.reward_kwargs.reward"] == "em_format"
+
+
+def test_passthrough_cannot_override_a_typed_key():
+    """``ppo.verl`` may not set what a typed key sets: the run would train with one value while
+    config.yaml records another. The error names both keys."""
+    with pytest.raises(ConfigError, match=r"ppo\.verl\.actor_rollout_ref\.actor\.optim\.lr \(set by ppo\.actor_lr\)"):
+        load_config(None, ["ppo.verl={actor_rollout_ref.actor.optim.lr: 0.5}"])
+    with pytest.raises(ConfigError, match=r"ppo\.verl\.\+?trainer\.save_freq \(set by ppo\.save_freq\)"):
+        load_config(None, ["ppo.verl={+trainer.save_freq: 7}"])
+
+
+def test_every_owned_verl_key_is_one_sap_writes():
+    """The table of keys typed fields own holds no stale entry: each is an override sap writes."""
+    written = set(overrides_dict(load_config(None))) | set(overrides_dict(load_config(None, ["ppo.lora_rank=8"])))
+    assert set(VERL_OWNED) <= {k.lstrip("+") for k in written}
 
 
 def test_init_model_and_tracking_env(tmp_path: Path):
@@ -147,8 +164,10 @@ def test_cli_errors_are_clear(tmp_path: Path, data_dir: Path):
     assert r.exit_code == 2 and "make setup-rl" in r.output
     r = runner.invoke(app, ["train-ppo", "--init", "sft", *base])  # no retriever: a real run refuses
     assert r.exit_code == 2 and "/health" in r.output
-    r = runner.invoke(app, ["train-ppo", "--init", "best", *base])
-    assert r.exit_code == 2 and "--init 'best'" in r.output
+    r = runner.invoke(app, ["train-ppo", "--init", "best", *base])  # the flag is the override ppo.init
+    assert r.exit_code == 2 and "ppo.init='best'" in r.output and "'sft' or 'base'" in r.output
+    r = runner.invoke(app, ["train-ppo", "--rollouts", "2", *base])
+    assert r.exit_code == 2 and "--rollouts runs on CPU next to --dry-run" in r.output
     manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
     assert manifest["commands"][-1]["stage"] == "train-ppo"
 

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from sap import envs
 from sap.cli import app
-from sap.rules.config import load_config
+from sap.rules.config import LLAMAFACTORY_OWNED, ConfigError, load_config
 from sap.stages import train_sft as ts
 from sap.stages.prepare_sft import DATA_FILE, DATASET_INFO_FILE, dataset_info
 
@@ -71,11 +72,26 @@ def test_paper_config_gives_the_papers_llamafactory_recipe(tmp_path):
     assert args["preprocessing_num_workers"] == 16 and args["val_size"] == 0.01  # pass-through
 
 
-@pytest.mark.parametrize("key", sorted(ts.RESERVED_KEYS))
-def test_passthrough_cannot_move_what_sap_owns(tmp_path, key):
-    cfg = load_config(None, [f"sft.llamafactory={{{key}: x}}"])
-    with pytest.raises(ts.SFTError, match=f"sft.llamafactory.{key}"):
-        ts.train_args(cfg, tmp_path, ts.SFTPaths.for_config(cfg))
+@pytest.mark.parametrize("key", sorted(LLAMAFACTORY_OWNED))
+def test_passthrough_cannot_move_what_sap_owns(key):
+    with pytest.raises(ConfigError, match=f"sft\\.llamafactory\\.{key} \\(set by"):
+        load_config(None, [f"sft.llamafactory={{{key}: x}}"])
+
+
+def test_passthrough_conflict_names_both_keys():
+    """`--set sft.llamafactory='{learning_rate: 0.5}'` used to train at 0.5 while config.yaml said 1e-4."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sft.llamafactory={learning_rate: 0.5}"])
+    assert "sft.llamafactory.learning_rate" in str(e.value) and "sft.learning_rate" in str(e.value)
+
+
+def test_every_argument_sap_writes_is_owned_or_a_fixed_setting(tmp_path):
+    """A key train_args writes from the config is in LLAMAFACTORY_OWNED (so no pass-through can
+    shadow it); the rest are sap's fixed settings, which a pass-through may change."""
+    cfg = load_config(None, ["sft.max_steps=3", "sft.deepspeed=z2"])
+    args = ts.train_args(cfg, tmp_path, ts.SFTPaths.for_config(cfg), tmp_path / "ds.json")
+    fixed = {"trust_remote_code", "stage", "finetuning_type", "overwrite_cache", "plot_loss"}
+    assert set(args) - fixed == set(LLAMAFACTORY_OWNED) - {"resume_from_checkpoint", "overwrite_output_dir"}
 
 
 @pytest.mark.parametrize(("backend", "report_to"), [("none", "none"), ("tensorboard", "tensorboard"), ("wandb", "wandb")])
@@ -170,8 +186,8 @@ def test_dataset_not_json_or_absent(tmp_path):
 
 
 def test_missing_environment_names_the_make_target(tmp_path):
-    with pytest.raises(ts.SFTError, match="make setup-sft"):
-        ts.resolve_python(str(tmp_path / "nope" / "bin" / "python"))
+    with pytest.raises(envs.EnvironmentMissing, match="make setup-sft"):
+        envs.resolve_python(str(tmp_path / "nope" / "bin" / "python"), "sft")
 
 
 def test_cli_fails_before_training_with_clear_errors(tmp_path, monkeypatch):

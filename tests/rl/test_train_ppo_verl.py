@@ -155,3 +155,28 @@ def test_real_launch_without_cuda_stops_clearly(tmp_path: Path, tiny_model: Path
     assert done.returncode == 2, done.stdout + done.stderr
     assert "no CUDA GPU" in done.stderr and "cannot run on CPU" in done.stderr
     assert not (Path(cfg.run_root) / "rl-test" / "ppo" / "train.log").exists()
+
+
+def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model: Path):
+    """The RL interpreter is found by sap.envs' one rule (the configured relative path against the
+    sap checkout), not against the working directory: ``sap train-ppo`` runs from any folder."""
+    questions = write_questions(tmp_path / "q.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sets = [
+        f"run_root={tmp_path / 'runs'}",
+        f"model.path={tiny_model}",
+        "retriever.url=http://127.0.0.1:9",
+        f"ppo.train_data={questions}",
+        f"ppo.val_data={questions}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=1",
+    ]  # environments.rl_python left at its default, .venv-rl/bin/python
+    assert not (elsewhere / ".venv-rl").exists()
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)], cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    command = (tmp_path / "runs" / "default" / "ppo" / "command.txt").read_text()
+    assert str(REPO / ".venv-rl" / "bin" / "python") in command
+    assert (tmp_path / "runs" / "default" / "ppo" / "validate.log").read_text().startswith("$ ")

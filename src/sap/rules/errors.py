@@ -22,3 +22,9 @@ class RunFailed(SapError):
     """A stage ran and failed (a child process exited non-zero, too many failed searches, ...)."""
 
     exit_code = 1
+
+
+class Interrupted(SapError):
+    """Ctrl-C or SIGTERM stopped a stage (its children were stopped; what finished is kept)."""
+
+    exit_code = 130

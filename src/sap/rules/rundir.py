@@ -2,7 +2,7 @@
 
 ``manifest.json`` holds the git commit, package versions and, for each command that wrote
 into the run, its exact command line and start time. Stages write their own files below it
-(see DESIGN.md for the layout).
+(see docs/architecture.md for the layout).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from sap.agent.loop import AgentSettings, Episode, SearchAgent
 from sap.agent.retrieval import RetrieverClient, SearchFailureGuard, require_healthy
 from sap.rules.atomic import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
 from sap.rules.config import CollectFiltersConfig, ExperimentConfig
-from sap.rules.errors import SapError
+from sap.rules.errors import RunFailed, SapError
 from sap.rules.questions import Question, QuestionFileError, read_questions
 from sap.rules.scoring import f1
 from sap.rules.tags import ANSWER, SEARCH, parse, validate, without_invalid_messages
@@ -59,6 +59,30 @@ class CollectResult:
     report: dict[str, Any]
     new_this_run: int = 0
     paths: dict[str, Path] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        r = self.report
+        return (
+            f"{r['samples_done']}/{r['samples_planned']} samples ({r['this_run']['new_samples']} new), "
+            f"{r['kept']} kept ({r['keep_rate']:.0%} of {r['samples_ok']}), {r['failed']} failed, {r['mean_searches']:.2f} searches/sample"
+            + (f", ~${r['cost']['usd']:.2f}" if r["cost"] else "")
+            + f" -> {r['outputs']['trajectories']}"
+        )
+
+
+def run_collect(
+    cfg: ExperimentConfig, out_dir: str | Path | None = None, *, restart: bool = False, progress: bool = False
+) -> CollectResult:
+    """``sap collect``: :func:`collect`, recorded in the run's manifest; a run in which every
+    sample failed is a :class:`~sap.rules.errors.RunFailed`."""
+    from sap.rules.rundir import record_run
+
+    record_run(cfg, "collect")
+    result = collect(cfg, out_dir, restart=restart, progress=progress)
+    r = result.report
+    if r["samples_done"] and not r["samples_ok"]:
+        raise RunFailed(f"{result.describe()}\nevery sample failed ({r['failure_reasons']}); see {r['outputs']['samples']}")
+    return result
 
 
 # --- settings ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from sap.agent.loop import AgentSettings, Episode, SearchAgent
 from sap.agent.retrieval import RetrieverClient, SearchFailureGuard, require_healthy
 from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
-from sap.rules.errors import SapError
+from sap.rules.errors import Interrupted, SapError
 from sap.rules.questions import ANSWER_FIELDS, QUESTION_FIELD, Question, QuestionFileError, read_questions
 from sap.rules.scoring import METRICS, aggregate, paper_aggregate, paper_score, score
 
@@ -306,10 +306,53 @@ def resolve_groups(cfg: ExperimentConfig, names: Iterable[str]) -> list[str]:
     return out
 
 
+def describe_group(cfg: ExperimentConfig, name: str, m: dict[str, Any]) -> str:
+    """One line per evaluated group (and a warning line when searches failed)."""
+    line = (
+        f"{name}: n={m['n']} sap EM={m['em']:.4f} ROUGE-L={m['rouge_l']:.4f} "
+        f"paper EM={m['paper']['em']:.4f} ROUGE-L={m['paper']['rouge_l']:.4f} valid={m['valid_format_rate']:.3f} "
+        f"searches/q={m['mean_searches']:.2f} q/s={m['questions_per_second']:.2f} -> {cfg.run_dir / 'eval' / name}"
+    )
+    if m["retrieval_failures"]:
+        line += f"\nwarning: {m['retrieval_failures']} search(es) failed and got empty results"
+    return line
+
+
+def evaluate(
+    cfg: ExperimentConfig,
+    groups: Iterable[str],
+    *,
+    restart: bool = False,
+    progress: bool = False,
+    on_group: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The stage: every named group (``all`` = each configured one) in turn, resuming; metrics
+    logged to the tracker, and ``on_group`` gets :func:`describe_group`'s line as each finishes. Ctrl-C keeps the
+    finished questions (:class:`~sap.rules.errors.Interrupted`, exit 130)."""
+    from sap.rules.rundir import record_run
+    from sap.tracking import log_metrics
+
+    names = resolve_groups(cfg, groups)
+    record_run(cfg, "eval")
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            metrics = evaluate_group(cfg, name, restart=restart, progress=progress)
+        except KeyboardInterrupt:
+            where = cfg.run_dir / "eval" / name
+            raise Interrupted(f"interrupted: finished questions are kept in {where}; rerun the same command to resume") from None
+        log_metrics(cfg, f"eval/{name}", metrics)
+        results[name] = metrics
+        if on_group is not None:
+            on_group(describe_group(cfg, name, metrics))
+    return results
+
+
 __all__ = [
     "METRICS",
     "EvalError",
     "compute_metrics",
+    "evaluate",
     "evaluate_group",
     "load_questions",
     "model_identity",

@@ -17,27 +17,22 @@ in ``ppo/train.log``, and while it runs turns VeRL's files into sap's outputs:
 
 A rerun resumes from the last checkpoint (VeRL's ``resume_mode=auto``); rows of steps after it
 are dropped from ``metrics.jsonl`` first. Ctrl-C stops the trainer, Ray and every process they
-started. A run that prints nothing for ``ppo.stall_timeout_s``, or that Ray cannot schedule, is
+started (:func:`sap.envs.run`'s policy, SIGINT first so VeRL shuts Ray down). A run that prints nothing for ``ppo.stall_timeout_s``, or that Ray cannot schedule, is
 stopped with an error instead of hanging. Afterwards the last checkpoint is merged into
 ``ppo/merged/`` (``verl.model_merger``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sap import envs
 from sap.rules.atomic import JsonlAppender, atomic_write_text, read_jsonl
 from sap.stages import train_ppo as stage
 
@@ -198,59 +193,7 @@ def _truncate_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-# --- the child process ------------------------------------------------------------------------
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), children first seen first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """Stop the trainer and everything it started (Ray's GCS, raylet, workers): SIGINT to the
-    trainer (it shuts Ray down), then SIGTERM, then SIGKILL to whatever is left."""
-    if proc.poll() is not None:
-        return
-    tree = _descendants(proc.pid)
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    tree = sorted(set(tree) | set(_descendants(proc.pid)))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in [proc.pid, *tree] if _alive(p)]
-        for p in alive:
-            with contextlib.suppress(OSError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(p) for p in alive):
-            time.sleep(0.2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+# --- the child process (through sap.envs) -------------------------------------------------
 
 
 def _progress(total: int, initial: int):
@@ -296,71 +239,56 @@ def _run_trainer(
     resumed_from: int,
     stall_timeout_s: float,
 ) -> None:
-    cmd = the_plan.command(python)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    last_output = [time.monotonic()]
+    """VeRL's trainer under :func:`sap.envs.run`: SIGINT first on Ctrl-C (VeRL shuts Ray down),
+    then its process group and every process below it; stopped as hung after
+    ``stall_timeout_s`` of silence, or when Ray cannot schedule its actors."""
     unschedulable: list[float] = []
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            env=stage._subprocess_env(the_plan.env),
-            start_new_session=True,  # Ctrl-C reaches sap only; sap stops the tree in order
+    bar = _progress(total_steps, resumed_from)
+    rewards: list[float] = []
+
+    def on_line(line: str) -> None:
+        if UNSCHEDULABLE.search(line):
+            unschedulable.append(time.monotonic())
+
+    def poll() -> None:
+        _advance(bar, writer.poll(), rewards)
+        if unschedulable and unschedulable[-1] - unschedulable[0] > UNSCHEDULABLE_GRACE_S:
+            raise stage.PPORunFailed(
+                f"Ray cannot schedule VeRL's actors (not enough Ray CPUs/GPUs for {UNSCHEDULABLE_GRACE_S:.0f} s): stopped "
+                f"instead of hanging. On CPU each TransferQueue storage unit and worker needs a Ray CPU: keep "
+                f"transfer_queue.backend.SimpleStorage.num_data_storage_units small or raise +ray_kwargs.ray_init.num_cpus "
+                f"(ppo.verl). See {log_path}."
+            )
+
+    try:
+        done = envs.run(
+            the_plan.command(python),
+            log=log_path,
+            env=envs.child_env(python, {"HYDRA_FULL_ERROR": "1", **the_plan.env}),
+            poll=poll,
+            interval_s=1.0,
+            on_line=on_line,
+            stall_timeout_s=stall_timeout_s,
+            interrupt_first=True,
+            grace_s=20.0,
+            keep_stdout=False,
+            check=False,
+            what="VeRL training",
         )
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                last_output[0] = time.monotonic()
-                if UNSCHEDULABLE.search(line):
-                    unschedulable.append(time.monotonic())
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        bar = _progress(total_steps, resumed_from)
-        rewards: list[float] = []
-        try:
-            while proc.poll() is None:
-                time.sleep(1.0)
-                _advance(bar, writer.poll(), rewards)
-                idle = time.monotonic() - last_output[0]
-                if idle > stall_timeout_s:
-                    stop_tree(proc)
-                    raise stage.PPORunFailed(
-                        f"VeRL printed nothing for {idle:.0f} s (ppo.stall_timeout_s={stall_timeout_s:g}): stopped as hung. "
-                        f"Last lines in {log_path}; raise ppo.stall_timeout_s if steps are just slow."
-                    )
-                if unschedulable and unschedulable[-1] - unschedulable[0] > UNSCHEDULABLE_GRACE_S:
-                    stop_tree(proc)
-                    raise stage.PPORunFailed(
-                        f"Ray cannot schedule VeRL's actors (not enough Ray CPUs/GPUs for {UNSCHEDULABLE_GRACE_S:.0f} s): stopped "
-                        f"instead of hanging. On CPU each TransferQueue storage unit and worker needs a Ray CPU: keep "
-                        f"transfer_queue.backend.SimpleStorage.num_data_storage_units small or raise +ray_kwargs.ray_init.num_cpus "
-                        f"(ppo.verl). See {log_path}."
-                    )
-        except KeyboardInterrupt:
-            bar.close()
-            print("\ninterrupted: stopping VeRL, Ray and their processes ...", file=sys.stderr)
-            stop_tree(proc)
-            raise
-        finally:
-            reader.join(timeout=10)
-            _advance(bar, writer.poll(final=True), rewards)
-            bar.close()
-            writer.close()
-            if proc.poll() is None:
-                stop_tree(proc)
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise stage.PPORunFailed(f"VeRL training failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    except envs.ChildStalled:
+        raise stage.PPORunFailed(
+            f"VeRL printed nothing for {stall_timeout_s:g} s (ppo.stall_timeout_s): stopped as hung. "
+            f"Last lines in {log_path}; raise ppo.stall_timeout_s if steps are just slow."
+        ) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: VeRL, Ray and their processes were stopped", file=sys.stderr)
+        raise
+    finally:
+        _advance(bar, writer.poll(final=True), rewards)
+        bar.close()
+        writer.close()
+    if done.returncode != 0:
+        raise stage.PPORunFailed(f"VeRL training failed (exit {done.returncode}); last lines of {log_path}:\n{done.tail(30)}")
 
 
 def _advance(bar, rows: list[dict[str, Any]], rewards: list[float]) -> None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from typing import Any
 from tqdm import tqdm
 
 from sap.rules.atomic import atomic_write_json, atomic_write_text
-from sap.rules.config import PrepareSFTConfig
-from sap.rules.errors import SapError
+from sap.rules.config import ExperimentConfig, PrepareSFTConfig
+from sap.rules.errors import RunFailed, SapError
 from sap.rules.prompts import AFM_SEARCHR1_INSTRUCTION, build_prompt
 from sap.rules.scoring import f1
 from sap.rules.tags import (
@@ -56,6 +57,10 @@ DATA_FILE = "iterative_sft_data.json"
 DATASET_INFO_FILE = "dataset_info.json"
 REPORT_FILE = "prepare_sft_report.json"
 DATASET_NAME = "sap_iterative_sft"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -340,3 +345,60 @@ def write_outputs(result: PrepareResult, out_dir: str | Path, report: dict[str, 
         atomic_write_json(out / DATASET_INFO_FILE, dataset_info())
     atomic_write_json(out / REPORT_FILE, report)
     return out
+
+
+@dataclass
+class PrepareOutcome:
+    """What ``sap prepare-sft`` did: the samples and rejections, the report and where it wrote."""
+
+    result: PrepareResult
+    report: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def data_file(self) -> Path:
+        return self.out_dir / DATA_FILE
+
+    @property
+    def report_file(self) -> Path:
+        return self.out_dir / REPORT_FILE
+
+    def describe(self) -> str:
+        r = self.report
+        return (
+            f"{r['trajectories_read']} trajectories read, {r['trajectories_kept']} kept, {r['malformed']} malformed, "
+            f"{r['filtered']} filtered; {r['samples_written']} samples -> {self.data_file}"
+        )
+
+
+def prepare_sft(
+    cfg: ExperimentConfig, out: str | Path | None = None, progress: bool = False, echo: Callable[[str], None] = _stderr
+) -> PrepareOutcome:
+    """The stage: read ``sft.prepare.inputs``, write data, dataset_info and report into ``out``
+    (default ``runs/<experiment>/sft/data``), name the first rejections. ``--strict`` with a
+    malformed record, or no sample at all, is a :class:`RunFailed` (the report is still written)."""
+    from sap.rules.rundir import record_run
+
+    p = cfg.sft.prepare
+    files = list(p.inputs)
+    if not files:
+        raise PrepareError("no input files: give INPUT paths or set sft.prepare.inputs in the config")
+    missing = [str(f) for f in files if not Path(f).exists()]
+    if missing:
+        raise PrepareError(f"input file not found: {', '.join(missing)}")
+    run_dir = record_run(cfg, "prepare-sft")
+    out_dir = Path(out) if out else run_dir / "sft" / "data"
+    result = prepare(files, p, cfg.prompt_template, progress=progress, layout=cfg.sft_layout)
+    report = build_report(result, files, p)
+    failed = p.strict and bool(result.malformed)
+    write_outputs(result, out_dir, report, write_data=not failed)
+    outcome = PrepareOutcome(result, report, out_dir)
+    for r in result.rejections[:20]:
+        echo(f"rejected {r.where}: {r.reason}")
+    if len(result.rejections) > 20:
+        echo(f"... and {len(result.rejections) - 20} more (see {outcome.report_file})")
+    if failed:
+        raise RunFailed(f"--strict: {len(result.malformed)} malformed record(s); no data written (report: {outcome.report_file})")
+    if not result.samples:
+        raise RunFailed(f"no samples written: every trajectory was rejected (report: {outcome.report_file})")
+    return outcome

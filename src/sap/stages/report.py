@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.atomic import atomic_path, atomic_write_text
+from sap.rules.config import ExperimentConfig
 from sap.rules.errors import SapError
 
 #: Table 3 of the paper (NQ test, 3,610 questions): group -> (configuration, EM, ROUGE-L).
@@ -204,4 +205,13 @@ def write_report(run_dir: Path, experiment: str) -> tuple[Path, Path]:
         raise ReportError(f"{run_dir / 'eval'}: no evaluated group (run `sap eval --group NAME` first)")
     md = atomic_write_text(run_dir / "report.md", markdown(experiment, groups))
     png = bar_chart(groups, run_dir / "report.png", f"{experiment}: EM and ROUGE-L per group")
+    return md, png
+
+
+def report(cfg: ExperimentConfig) -> tuple[Path, Path]:
+    """The stage: :func:`write_report` for the config's run, recorded in its manifest."""
+    from sap.rules.rundir import record_run
+
+    md, png = write_report(cfg.run_dir, cfg.experiment)
+    record_run(cfg, "report")
     return md, png

@@ -120,3 +120,12 @@ def score_file(path: str | Path, metrics: str = "sap") -> dict[str, float | int 
         raise PredictionsError(f"--metrics {metrics}: unknown metric set (expected {' or '.join(METRIC_SETS)})")
     rows: list[Scores] = [score(pred, gold) for pred, gold in load_predictions(path)]
     return aggregate(rows)
+
+
+def describe(metrics: dict[str, float | int | None], as_json: bool = False, metrics_set: str = "sap") -> str:
+    """``sap score``'s output: the JSON object, or the set's name and one metric per line."""
+    if as_json:
+        return json.dumps(metrics)
+    labels = (("em", "EM"), ("subem", "SubEM"), ("f1", "F1"), ("rouge_l", "ROUGE-L"))
+    shown = [f"{label:<8} {metrics[k]:.4f}" if metrics[k] is not None else f"{label:<8} -" for k, label in labels if k in metrics]
+    return "\n".join([f"metrics  {metrics_set}", f"n        {metrics['n']}", *shown])

@@ -14,22 +14,24 @@ The stage runs in sap's core environment and drives VeRL in the RL environment
    Hydra config + ``validate_config`` + loading the reward function and the agent loop;
 5. :func:`launch` starts ``python -m verl.trainer.main_ppo`` (logs in ``ppo/train.log``) and
    :func:`merge_last_checkpoint` turns the last actor checkpoint into ``ppo/merged/``.
+
+:func:`train_ppo` is the whole stage. Every child runs through :mod:`sap.envs` (one rule for
+the interpreter, one policy for logs, timeouts and Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sap import envs
 from sap.rules.atomic import atomic_path, atomic_write_text
 from sap.rules.config import ExperimentConfig
 from sap.rules.errors import RunFailed, SapError
@@ -307,23 +309,104 @@ def plan(cfg: ExperimentConfig, init: str | None = None, device: str = "cuda") -
     return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir, device), env, cfg.ppo.merge_step, device)
 
 
-# --- subprocesses in the RL environment -------------------------------------------------
+# --- the stage ------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOResult:
+    """What ``sap train-ppo`` did: data, the validated VeRL config and command, and the outcome."""
+
+    ppo_dir: Path
+    counts: dict[str, int]
+    validation: str
+    command: str
+    dry_run: bool
+    device: str = "cuda"
+    rollouts: dict[str, Any] | None = None
+    run: Any = None
+    """The training run (:class:`sap.stages.ppo_run.PPORunResult`) when not a dry run."""
+
+    @property
+    def rollouts_file(self) -> Path:
+        return self.ppo_dir / "cpu_rollouts.jsonl"
+
+    def describe(self) -> str:
+        lines = [self.validation]
+        if self.rollouts is not None:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in self.rollouts.items() if k in ("score", "valid_format", "searches", "turns"))
+            lines.append(f"rollouts: {self.rollouts['n']} trajectories ({shown}) -> {self.rollouts_file}")
+        if self.dry_run:
+            lines.append(f"dry run: VeRL config valid -> {self.ppo_dir / 'verl_config.yaml'}; command ({self.ppo_dir / 'command.txt'}):")
+            return "\n".join([*lines, self.command])
+        r = self.run
+        return "\n".join(
+            [
+                *lines,
+                f"{r.steps} step(s) on {self.device}, {r.seconds_per_step or 0:.1f} s/step; metrics -> {r.metrics}; merged policy -> {r.merged}",
+            ]
+        )
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_retriever(cfg: ExperimentConfig, required: bool, echo: Callable[[str], None] = _stderr) -> None:
+    """The retriever's ``/health``: an error when the run needs it, else a warning."""
+    from sap.agent.retrieval import RetrievalError, require_healthy
+
+    try:
+        require_healthy(cfg.retriever)  # before a model is loaded; the message says how to start one
+    except RetrievalError as e:
+        if required:
+            raise
+        echo(f"warning: {e} (ignored by --dry-run)")
+
+
+def train_ppo(cfg: ExperimentConfig, *, dry_run: bool = False, rollouts: int = 0, echo: Callable[[str], None] = _stderr) -> PPOResult:
+    """The whole stage: data, agent-loop file, VeRL config validated by VeRL, ``command.txt``;
+    then either CPU rollouts (``dry_run`` with ``rollouts``) or VeRL's trainer on the resolved
+    device and the merge (:func:`sap.stages.ppo_run.train`)."""
+    from sap.rules.rundir import record_run
+
+    if rollouts and not dry_run:
+        raise PPOStageError("--rollouts runs on CPU next to --dry-run; a real launch rolls out with vLLM inside VeRL's trainer")
+    check_retriever(cfg, required=not dry_run or rollouts > 0, echo=echo)
+    ppo_dir = record_run(cfg, "train-ppo") / "ppo"
+    counts = build_dataset(cfg, ppo_dir / "data")
+    echo(f"data: {counts['train']} train / {counts['val']} val questions -> {ppo_dir / 'data'}")
+    write_agent_loop_config(cfg, ppo_dir / "agent_loop.yaml")
+    python = str(envs.python_for(cfg, "rl"))
+    the_plan = plan(cfg, device=resolve_device(cfg, python, dry_run))
+    if not Path(the_plan.model_path).exists():
+        if cfg.ppo.init == "sft" and not dry_run:
+            raise PPOStageError(f"merged SFT model not found: {the_plan.model_path} (run `sap train-sft` first, or use --init base)")
+        echo(f"warning: initial model {the_plan.model_path} is not a local folder")
+    report = compose_and_validate(python, the_plan.overrides, ppo_dir / "verl_config.yaml")
+    env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in the_plan.env.items())
+    command = (env_prefix + " " if env_prefix else "") + shlex.join(the_plan.command(python))
+    atomic_write_text(ppo_dir / "command.txt", command + "\n")
+    result = PPOResult(ppo_dir, counts, report, command, dry_run, the_plan.device)
+    if dry_run:
+        if rollouts:
+            echo(f"playing {rollouts} training question(s) with the sap agent loop in VeRL's agent-loop worker (CPU) ...")
+            overrides_file = (ppo_dir / "verl_config.yaml").with_suffix(".overrides.json")
+            result.rollouts = cpu_rollouts(python, overrides_file, rollouts, result.rollouts_file)
+        return result
+    from sap.stages.ppo_run import train
+
+    echo(f"training on {the_plan.device} (log: {ppo_dir / 'train.log'}) ...")
+    p = cfg.ppo
+    result.run = train(python, the_plan, p.total_training_steps, p.stall_timeout_s, cfg.tracking.backend == "tensorboard")
+    return result
+
+
+# --- children in the RL environment (through sap.envs) -----------------------------------------
 
 
 def rl_python(cfg: ExperimentConfig) -> str:
-    exe = cfg.environments.rl_python
-    if not Path(exe).exists():
-        raise PPOStageError(f"RL environment interpreter not found: {exe} (run `make setup-rl`, or set environments.rl_python)")
-    return exe
-
-
-def _subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HYDRA_FULL_ERROR", "1")
-    env.update(extra or {})
-    return env
+    """``environments.rl_python`` by :func:`sap.envs.resolve_python`'s rule."""
+    return str(envs.python_for(cfg, "rl"))
 
 
 def compose_and_validate(python: str, overrides: list[str], resolved_out: Path, timeout_s: float = 600) -> str:
@@ -331,70 +414,41 @@ def compose_and_validate(python: str, overrides: list[str], resolved_out: Path, 
     environment). Writes the resolved config to ``resolved_out``; returns the checker's report."""
     args_file = resolved_out.with_suffix(".overrides.json")
     atomic_write_text(args_file, json.dumps(overrides, indent=1))
-    proc = subprocess.run(
+    done = envs.run(
         [python, "-m", "sap.rl.compose", "--overrides", str(args_file), "--out", str(resolved_out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=_subprocess_env({"HF_HUB_OFFLINE": "1"}),  # validation reads the model's config, never the network
+        log=resolved_out.with_name("validate.log"),
+        env=envs.child_env(python, {"HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}),  # reads the model's config, never the network
+        timeout_s=timeout_s,
+        check=False,
+        what="VeRL config validation",
     )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        raise PPOStageError(f"VeRL rejected the configuration:\n{tail}")
-    return proc.stdout.strip()
+    if done.returncode != 0:
+        raise PPOStageError(f"VeRL rejected the configuration (log: {done.log}):\n{done.tail(25)}")
+    return done.stdout.strip()
 
 
 def cpu_rollouts(python: str, overrides_file: Path, n: int, out: Path, timeout_s: float = 1800) -> dict[str, Any]:
     """Play ``n`` training questions with the sap agent loop through VeRL's agent-loop worker
     and an in-process HF model (:mod:`sap.rl.cpu_rollouts`, in the RL environment) against the
     configured retriever. Writes one JSON line per trajectory to ``out``; returns mean metrics."""
-    proc = subprocess.run(
+    done = envs.run(
         [python, "-m", "sap.rl.cpu_rollouts", "--overrides", str(overrides_file), "--n", str(n), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=_subprocess_env({"HF_HUB_OFFLINE": "1"}),
+        log=out.with_name("cpu_rollouts.log"),
+        env=envs.child_env(python, {"HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}),
+        timeout_s=timeout_s,
+        what="CPU rollouts",
     )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        raise PPOStageError(f"CPU rollouts failed:\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cuda_available(python: str) -> bool:
-    proc = subprocess.run(
-        [python, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"],
-        capture_output=True,
-        timeout=300,
-        env=_subprocess_env(),
-    )
-    return proc.returncode == 0
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def resolve_device(cfg: ExperimentConfig, python: str, dry_run: bool = False) -> str:
-    """``ppo.device``; ``auto``: ``cuda`` when the RL environment sees a CUDA GPU, else ``cpu``
-    (a dry run keeps composing the GPU configuration)."""
+    """``ppo.device``; ``auto``: ``cuda`` when the RL environment sees a CUDA GPU
+    (:func:`sap.envs.gpu_count`), else ``cpu`` (a dry run keeps composing the GPU configuration)."""
     if cfg.ppo.device != "auto":
         return cfg.ppo.device
     if dry_run:
         return "cuda"
-    return "cuda" if cuda_available(python) else "cpu"
-
-
-def launch(python: str, the_plan: PPOPlan, log_path: Path) -> int:
-    """Run VeRL's trainer; its output goes to the terminal and to ``log_path`` (appended)."""
-    cmd = the_plan.command(python)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_subprocess_env(the_plan.env))
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            log.flush()
-        return proc.wait()
+    return "cuda" if envs.gpu_count(python) else "cpu"
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
@@ -438,11 +492,5 @@ def merge_last_checkpoint(python: str, the_plan: PPOPlan, log_path: Path) -> Pat
     if ckpt is None:
         raise PPOStageError(f"no checkpoint under {the_plan.checkpoints} to merge (did training save one? see ppo.save_freq)")
     target = the_plan.ppo_dir / "merged"
-    cmd = merge_command(python, ckpt, target)
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env()).returncode
-    if rc != 0:
-        raise PPOStageError(f"merging {ckpt} failed (exit {rc}); see {log_path}")
+    envs.run(merge_command(python, ckpt, target), log=log_path, env=envs.child_env(python), keep_stdout=False, what=f"merging {ckpt}")
     return target
