@@ -144,6 +144,8 @@ def test_config_explain_prints_type_default_and_help():
         (["eval.max_new_tokens=8192"], r"eval\.max_new_tokens=8192 leaves no room for the prompt in eval\.max_model_len=8192"),
         (["eval.min_turn_tokens=2000"], r"eval\.min_turn_tokens=2000 is above eval\.max_new_tokens=1024"),
         (["sft.nnodes=2", "sft.node_rank=2"], r"sft\.node_rank=2 must be below sft\.nnodes=2"),
+        (["ppo.merge_step=650", "ppo.save_freq=100"], r"ppo\.merge_step=650 is never saved"),
+        (["ppo.merge_step=700", "ppo.total_training_steps=600"], r"ppo\.merge_step=700 is never saved"),
     ],
 )
 def test_cross_field_checks_name_the_keys(overrides, message):

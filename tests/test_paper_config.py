@@ -130,8 +130,8 @@ def test_merge_step_picks_that_checkpoint(tmp_path):
         (the_plan.checkpoints / f"global_step_{step}").mkdir(parents=True)
     (the_plan.checkpoints / "latest_checkpointed_iteration.txt").write_text("700")
     assert ppo_stage.checkpoint_to_merge(the_plan) == the_plan.checkpoints / "global_step_600"
-    other = ppo_stage.plan(load_config(PAPER, [f"run_root={tmp_path}", "ppo.merge_step=650"]))
-    with pytest.raises(ppo_stage.PPOStageError, match=r"ppo\.merge_step=650: no checkpoint"):
+    other = ppo_stage.plan(load_config(PAPER, [f"run_root={tmp_path}", "ppo.merge_step=800"]))  # 650 is refused by the config
+    with pytest.raises(ppo_stage.PPOStageError, match=r"ppo\.merge_step=800: no checkpoint"):
         ppo_stage.checkpoint_to_merge(other)
     last = ppo_stage.plan(load_config(PAPER, [f"run_root={tmp_path}", "ppo.merge_step=null"]))
     assert ppo_stage.checkpoint_to_merge(last) == the_plan.checkpoints / "global_step_700"

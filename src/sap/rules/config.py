@@ -465,12 +465,13 @@ class PPOConfig(_Section):
                 f"ppo.ppo_mini_batch_size={self.ppo_mini_batch_size} is larger than ppo.train_batch_size={self.train_batch_size}: "
                 "a mini-batch is a slice of one training batch"
             )
-        if self.merge_step is not None and (
-            self.merge_step > self.total_training_steps or self.save_freq <= 0 or self.merge_step % self.save_freq
+        m = self.merge_step
+        if m is not None and (
+            m > self.total_training_steps or (m != self.total_training_steps and (self.save_freq <= 0 or m % self.save_freq))
         ):
             raise ValueError(
-                f"ppo.merge_step={self.merge_step} is never saved: it must be at most ppo.total_training_steps="
-                f"{self.total_training_steps} and a multiple of ppo.save_freq={self.save_freq}"
+                f"ppo.merge_step={m} is never saved: it must be ppo.total_training_steps={self.total_training_steps} "
+                f"or a multiple of ppo.save_freq={self.save_freq} below it"
             )
         if self.response_budget is not None and self.response_budget < self.max_response_length:
             raise ValueError(
