@@ -431,7 +431,7 @@ def test_pipeline_collect_stage_feeds_prepare_sft(tmp_path, retriever_url):
             f"collect.teacher.model={MODEL}",
             "collect.filters.require_search=true",
         ]
-        env = {**os.environ, "STAGES": "collect prepare-sft", "SAP": str(repo / ".venv" / "bin" / "sap")}
+        env = {**os.environ, "STAGES": "collect prepare-sft", "SAP": str(Path(sys.executable).parent / "sap")}  # this environment's sap
         proc = subprocess.run(
             ["bash", "scripts/pipeline.sh", "configs/demo/tiny_cpu.yaml", *overrides],
             cwd=repo,
