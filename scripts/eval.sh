@@ -32,8 +32,7 @@ if ! curl -sf "$URL/health" >/dev/null; then
   PORT=${URL##*:}
   "$SAP" retriever serve --index "$RETRIEVER_INDEX" --port "${PORT%%/*}" &
   SERVER_PID=$!
-  for _ in $(seq 1 180); do curl -sf "$URL/health" >/dev/null && break; sleep 2; done
-  curl -sf "$URL/health" >/dev/null || { echo "retriever did not start at $URL" >&2; exit 1; }
+  "$SAP" retriever wait --url "$URL" --pid "$SERVER_PID" --timeout 600
 fi
 
 ARGS=()
