@@ -71,3 +71,39 @@ def small_config(tmp_path: Path, model: Path, retriever_url: str, *overrides: st
             *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def searching_model(tmp_path_factory, tiny_model: Path) -> Path:
+    """The tiny model taught, by a few real optimizer steps, to open each of the QUESTIONS with
+    ``<search> question </search>`` (a random model never searches, so PPO would never see an
+    ``<information>`` block). Trained like SFT: loss on the response tokens only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sap.rules.prompts import chat_messages
+
+    out = tmp_path_factory.mktemp("searching-qwen2")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(0)
+    rows = []
+    for q in QUESTIONS:
+        prompt = tok.apply_chat_template(chat_messages(q["question"], "searchr1"), add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(f"<search> {q['question']} </search>", add_special_tokens=False)["input_ids"]
+        rows.append((torch.tensor([p_ids + r_ids]), torch.tensor([[-100] * len(p_ids) + r_ids])))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(300):
+        loss = sum(model(input_ids=x, labels=y).loss for x, y in rows) / len(rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    assert loss.item() < 0.1, f"the tiny model did not learn to search (loss {loss.item():.3f})"
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -132,31 +132,6 @@ def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.slow
-def test_real_launch_without_cuda_stops_clearly(tmp_path: Path, tiny_model: Path, core_retriever_url: str):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: the no-GPU refusal does not apply (train with scripts/train_ppo.sh)")
-    cfg = small_config(tmp_path, tiny_model, core_retriever_url)
-    sets = [
-        f"run_root={cfg.run_root}",
-        f"model.path={tiny_model}",
-        f"retriever.url={core_retriever_url}",
-        f"ppo.train_data={cfg.ppo.train_data}",
-        f"ppo.val_data={cfg.ppo.val_data}",
-        "ppo.train_batch_size=4",
-        "ppo.ppo_mini_batch_size=4",
-        "ppo.ppo_micro_batch_size_per_gpu=2",
-        "ppo.n_gpus_per_node=1",
-        f"environments.rl_python={sys.executable}",
-    ]
-    done = sap_cli("train-ppo", "--init", "base", *[a for s in sets for a in ("--set", s)])
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "no CUDA GPU" in done.stderr and "cannot run on CPU" in done.stderr
-    assert not (Path(cfg.run_root) / "rl-test" / "ppo" / "train.log").exists()
-
-
 def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model: Path):
     """The RL interpreter is found by sap.envs' one rule (the configured relative path against the
     sap checkout), not against the working directory: ``sap train-ppo`` runs from any folder."""

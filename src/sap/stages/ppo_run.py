@@ -72,12 +72,16 @@ def _empty_information_blocks(response: str) -> int:
 def trajectory_row(step: int, dumped: dict[str, Any]) -> dict[str, Any]:
     """One readable row of ``step_N.jsonl`` from a row of VeRL's rollout dump."""
     from sap.rl.reward import compute_score, gold_answers
+    from sap.rules.prompts import INVALID_ACTION_MESSAGE
     from sap.rules.tags import extract_answer
 
     response = dumped.get("output", "")
     gts = dumped.get("gts")
     golds = gold_answers(gts) if gts is not None else []
-    scores = compute_score("nq", response, golds)
+    # what the agent loop inserted, read back from the text: each block or message follows a turn
+    invalid = response.count(INVALID_ACTION_MESSAGE.strip())
+    inserted = len(re.findall(r"<information>", response)) + invalid
+    scores = compute_score("nq", response, golds, {"sap_invalid_actions": invalid, "sap_turns": inserted + 1})
     return {
         "step": step,
         "uid": dumped.get("uid"),
