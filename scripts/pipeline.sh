@@ -10,7 +10,6 @@
 #   SAP=...            the sap executable (default: .venv/bin/sap)
 #   STAGES="..."       stages to run (default: all of: index retriever prepare-sft train-sft train-ppo eval report)
 #   RETRIEVER_URL=...  use a retriever that is already running instead of starting one
-#   PPO_ROLLOUTS=N     without a CUDA GPU: VeRL agent-loop rollouts to run for real (default 4)
 #   optional stage "collect" (STAGES="index retriever collect prepare-sft ..."): sap collect's teacher
 #                      trajectories (collect.teacher; docs/collect.md), then prepare-sft reads them
 #
@@ -27,7 +26,6 @@ cd "$(dirname "$0")/.."
 SAP=${SAP:-.venv/bin/sap}
 [ -x "$SAP" ] || command -v "$SAP" >/dev/null || { echo "pipeline: $SAP not found (run 'make install')" >&2; exit 2; }
 STAGES=${STAGES:-"index retriever prepare-sft train-sft train-ppo eval report"}
-PPO_ROLLOUTS=${PPO_ROLLOUTS:-4}
 
 sets=()
 for kv in "$@"; do sets+=(--set "$kv"); done
@@ -103,13 +101,10 @@ if want train-sft; then
 fi
 
 if want train-ppo; then
-  if [ "$("$SAP" doctor --gpus --config "$config" "${sets[@]}")" -gt 0 ]; then   # GPUs torch sees in the RL environment
-    step "train-ppo (GPU) -> $run_dir/ppo/merged"
-    "$SAP" train-ppo --config "$config" "${sets[@]}"
-  else
-    step "train-ppo (no CUDA GPU): $PPO_ROLLOUTS real agent-loop rollouts, then the validated launch command"
-    "$SAP" train-ppo --config "$config" "${sets[@]}" --dry-run --rollouts "$PPO_ROLLOUTS"
-  fi
+  # VeRL's trainer on the GPUs, or sap's CPU mode without one (ppo.device: auto); a rerun
+  # resumes from the last checkpoint and only merges when every step is done.
+  step "train-ppo: $(get ppo.total_training_steps) PPO step(s) -> $run_dir/ppo/merged (log: $run_dir/ppo/train.log)"
+  "$SAP" train-ppo --config "$config" "${sets[@]}"
 fi
 
 if want eval; then

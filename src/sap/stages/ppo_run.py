@@ -309,3 +309,100 @@ def _advance(bar, rows: list[dict[str, Any]], rewards: list[float]) -> None:
                 postfix[name] = f"{row[key]:.2f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(max(0, int(row["step"]) - bar.n))
+
+
+# --- the report's PPO section -------------------------------------------------------------------
+
+REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("critic/score/mean", "reward", "{:.3f}"),
+    ("sap/em", "EM (rollouts)", "{:.3f}"),
+    ("sap/searches", "searches/traj", "{:.2f}"),
+    ("sap/turns", "turns/traj", "{:.2f}"),
+    ("sap/retrieval_failures", "failed searches/traj", "{:.2f}"),
+    ("actor/pg_loss", "pg loss", "{:.4g}"),
+    ("critic/vf_loss", "vf loss", "{:.4g}"),
+    ("actor/reward_kl_penalty", "KL", "{:.3g}"),
+    ("response_length/mean", "response tokens", "{:.0f}"),
+    ("timing_s/step", "s/step", "{:.1f}"),
+)
+
+
+def read_metrics(ppo_dir: Path) -> list[dict[str, Any]]:
+    path = ppo_dir / "metrics.jsonl"
+    return sorted(read_jsonl(path), key=lambda r: int(r["step"])) if path.is_file() else []
+
+
+def reward_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Reward (and rollout EM) per PPO step as a line chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sap.rules.atomic import atomic_path
+
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    for key, label in (("critic/score/mean", "reward (mean per step)"), ("sap/em", "EM of the rollouts")):
+        ys = [r.get(key) for r in rows]
+        if all(isinstance(y, int | float) for y in ys):
+            ax.plot(steps, ys, marker="o", label=label)
+    ax.set_xlabel("PPO step")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def report_section(run_dir: Path) -> str:
+    """Markdown for ``report.md``: the PPO run's steps (reward, EM, searches, losses, KL, time)
+    and its reward curve (``ppo/reward.png``); empty when no PPO run has metrics."""
+    ppo_dir = run_dir / "ppo"
+    rows = read_metrics(ppo_dir)
+    if not rows:
+        return ""
+    summary: dict[str, Any] = {}
+    if (ppo_dir / "summary.json").is_file():
+        summary = json.loads((ppo_dir / "summary.json").read_text(encoding="utf-8"))
+    device = summary.get("device", "?")
+    times = [float(r["timing_s/step"]) for r in rows if isinstance(r.get("timing_s/step"), int | float)]
+    lines = [
+        "",
+        "## PPO (`sap train-ppo`)",
+        "",
+        f"{len(rows)} PPO step(s) on {device} with VeRL's trainer; the `sft_rl` group is the merged policy of the last step "
+        f"(`ppo/merged`). Mean time per step: {sum(times) / len(times):.1f} s (the first step includes warm-up)."
+        if times
+        else f"{len(rows)} PPO step(s) on {device} with VeRL's trainer.",
+    ]
+    if device == "cpu" or len(rows) < 20:
+        lines += [
+            "",
+            "A handful of PPO steps on a CPU, with a learning rate meant for hundreds of steps, barely moves the policy: "
+            "nobody should expect EM to rise here. These steps show that the whole loop runs (rollouts through the "
+            "retriever, reward, advantages, critic and actor updates, weight sync, checkpoints, merge); the paper's "
+            "gains come from its full schedule on GPUs.",
+        ]
+    head = ["step", *(label for _, label, _ in REPORT_COLUMNS)]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * len(head)) + "|"]
+    for r in rows:
+        cells = [str(r["step"])] + [fmt.format(r[k]) if isinstance(r.get(k), int | float) else "–" for k, _, fmt in REPORT_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    reward_curve(rows, ppo_dir / "reward.png", f"{run_dir.name}: PPO reward per step")
+    lines += [
+        "",
+        "reward = VeRL's `critic/score/mean` (the reward function's score); EM, searches, turns and failed searches "
+        "(empty `<information>` blocks) are means over the step's trajectories (`ppo/rollouts/step_N.jsonl`); every "
+        "metric of every step is in `ppo/metrics.jsonl`.",
+        "",
+        "![PPO reward per step](ppo/reward.png)",
+        "",
+    ]
+    return "\n".join(lines)

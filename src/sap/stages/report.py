@@ -203,7 +203,9 @@ def write_report(run_dir: Path, experiment: str) -> tuple[Path, Path]:
     groups = collect(run_dir)
     if not groups:
         raise ReportError(f"{run_dir / 'eval'}: no evaluated group (run `sap eval --group NAME` first)")
-    md = atomic_write_text(run_dir / "report.md", markdown(experiment, groups))
+    from sap.stages.ppo_run import report_section
+
+    md = atomic_write_text(run_dir / "report.md", markdown(experiment, groups) + report_section(run_dir))
     png = bar_chart(groups, run_dir / "report.png", f"{experiment}: EM and ROUGE-L per group")
     return md, png
 
