@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sap.stages.ppo_run import _alive, _descendants
+from sap.envs import _alive, descendants
 
 from .conftest import QUESTIONS, write_questions
 
@@ -92,17 +92,17 @@ def test_two_ppo_steps_on_cpu_interrupted_and_resumed(tmp_path: Path, searching_
     deadline = time.monotonic() + STEP_TIMEOUT_S
     tree: set[int] = set()
     while proc.poll() is None and time.monotonic() < deadline:
-        tree |= set(_descendants(proc.pid))
+        tree |= set(descendants(proc.pid))
         if marker.is_file() and marker.read_text().strip():
             break
         time.sleep(0.5)
     assert proc.poll() is None, f"sap train-ppo ended before step 1 was saved:\n{proc.stdout.read()[-4000:]}"
     assert marker.is_file(), f"no checkpoint after {STEP_TIMEOUT_S} s; see {ppo / 'train.log'}"
-    tree |= set(_descendants(proc.pid))
+    tree |= set(descendants(proc.pid))
     os.kill(proc.pid, signal.SIGINT)
     out1, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, out1[-3000:]
-    assert "interrupted: stopping VeRL" in out1
+    assert "interrupted: VeRL, Ray and their processes were stopped" in out1
     time.sleep(1)
     left = [p for p in tree if _alive(p)]
     assert not left, f"processes left running after Ctrl-C: {left}"
