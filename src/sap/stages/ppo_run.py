@@ -39,6 +39,10 @@ from sap.stages import train_ppo as stage
 #: Ray's message for a resource request it cannot satisfy (a hang if it persists).
 UNSCHEDULABLE = re.compile(r"cannot be scheduled right now|resource request cannot be scheduled|Total available GPUs .* less than")
 UNSCHEDULABLE_GRACE_S = 90.0
+#: Ray's own 30 s limit for its raylet to register (``ray/_private/node.py``, not configurable):
+#: on an overloaded machine it can pass before anything was trained; the launch is tried again.
+RAY_STARTUP_FAILED = re.compile(r"node timed out during startup")
+RAY_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -211,11 +215,22 @@ def train(python: str, the_plan: stage.PPOPlan, total_steps: int, stall_timeout_
     last checkpoint into ``ppo/merged``. Raises :class:`sap.stages.train_ppo.PPOStageError`."""
     ppo_dir = the_plan.ppo_dir
     log_path = ppo_dir / "train.log"
-    ckpt = stage.last_checkpoint(the_plan.checkpoints)
-    resumed_from = int(ckpt.name.rsplit("_", 1)[1]) if ckpt else 0
-    writer = StepWriter(ppo_dir, resumed_from, ppo_dir / "tensorboard" if tensorboard else None)
-    if resumed_from < total_steps:
-        _run_trainer(python, the_plan, log_path, writer, total_steps, resumed_from, stall_timeout_s)
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        ckpt = stage.last_checkpoint(the_plan.checkpoints)
+        resumed_from = int(ckpt.name.rsplit("_", 1)[1]) if ckpt else 0
+        writer = StepWriter(ppo_dir, resumed_from, ppo_dir / "tensorboard" if tensorboard else None)
+        if resumed_from >= total_steps:
+            break
+        try:
+            _run_trainer(python, the_plan, log_path, writer, total_steps, resumed_from, stall_timeout_s)
+            break
+        except stage.PPORunFailed as e:
+            if attempt == RAY_START_ATTEMPTS or not RAY_STARTUP_FAILED.search(str(e)):
+                raise
+            print(
+                f"Ray did not start in time (a busy machine: Ray waits 30 s for its raylet); trying again ({attempt + 1}/{RAY_START_ATTEMPTS})",
+                file=sys.stderr,
+            )
     ckpt = stage.checkpoint_to_merge(the_plan)
     if ckpt is None:
         raise stage.PPOStageError(f"training saved no checkpoint under {the_plan.checkpoints} (see ppo.save_freq and {log_path})")
