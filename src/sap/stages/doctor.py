@@ -117,7 +117,10 @@ def check_rl(f: Findings) -> Iterable[Check]:
     yield Check("train-ppo --dry-run", "ok", f"VeRL {found.versions['verl']}")
     want = f.cfg.ppo.n_gpus_per_node
     if not found.cuda_devices:
-        yield Check("train-ppo (training)", "no", f"needs {want} CUDA GPU(s) per node; none here (--dry-run works)")
+        if f.cfg.ppo.device == "cuda":
+            yield Check("train-ppo (training)", "no", f"ppo.device=cuda needs {want} CUDA GPU(s) per node; none here")
+        else:
+            yield Check("train-ppo (training)", "ok", f"on CPU (ppo.device={f.cfg.ppo.device}: sap's CPU mode, sap.rl.cpu; slow)")
         yield Check("vLLM rollout, flash-attn, FSDP", "unknown", "GPU-only: cannot be checked on a machine without a GPU")
         return
     enough = found.cuda_devices >= want
