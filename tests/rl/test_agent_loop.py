@@ -105,13 +105,16 @@ def check_invariants(s: Sample, tokenizer, cfg) -> None:
     for value, start, end in runs(s.mask):
         if value == 1:
             call = s.calls[generated]
-            # the generated tokens are exactly the server's, never re-tokenised
-            assert s.response_ids[start:end] == call.token_ids
+            # the generated tokens are exactly the server's, never re-tokenised (an end-of-
+            # sequence token is removed when an observation follows, as in eval)
+            last = end == len(s.mask)
+            kept = call.token_ids[:-1] if not last and call.token_ids[-1:] == [tokenizer.eos_token_id] else call.token_ids
+            assert s.response_ids[start:end] == kept
             assert call.prompt_ids == s.prompt_ids + s.response_ids[:start]
             assert call.sampling_params["stop"] == list(STOP_STRINGS)
             assert call.sampling_params["max_tokens"] == min(p.max_response_length, p.total_response_length - start)
             assert len(call.token_ids) <= call.sampling_params["max_tokens"]
-            for lp, server_lp in zip(s.logprobs[start:end], call.log_probs, strict=True):
+            for lp, server_lp in zip(s.logprobs[start:end], call.log_probs[: len(kept)], strict=True):
                 assert math.isclose(lp, server_lp, rel_tol=1e-5, abs_tol=1e-5)
             generated += 1
         else:

@@ -1,10 +1,14 @@
-"""The batched multi-turn search loop: one implementation for eval, teacher collection and
-(mirrored token by token) the PPO agent loop.
+"""The batched multi-turn search loop of eval and teacher collection.
+
+The turn rules (how a turn is read and classified, the observation and its cut, when an
+episode stops) are :mod:`sap.agent.protocol`'s, the same functions the VeRL agent loop
+(:mod:`sap.rl.agent_loop`) calls; this module adds batching, the context limit and the
+per-question record.
 
 For each question the context starts as the Search-R1 prompt rendered by the model's chat
 template. Each step generates one turn for every active question in ONE engine call, with the
-stop strings ``</search>``/``</answer>`` and a per-turn token cap, then classifies every turn
-with the shared tag grammar:
+stop strings ``</search>``/``</answer>`` and a per-turn token cap, then classifies every turn.
+Under the ``sap`` rules (default):
 
 - ``<answer>``: the question is done;
 - ``<search>``: its query joins the step's ONE batched retriever call, and
@@ -12,10 +16,13 @@ with the shared tag grammar:
 - neither: Search-R1's invalid-action message is appended.
 
 After ``max_turns`` search rounds one last turn is generated for the answer (a search written
-in it is not run), as in Search-R1 and the PPO agent loop (``sap.rl.agent_loop``); a question
-also ends when its context is full. The prompt is never truncated: when the context fills, the
-turn budget shrinks and an observation is cut to fit; a question whose prompt alone does not
-fit ends at once with an empty prediction.
+in it is not run); a question also ends when its context is full. The prompt is never
+truncated: when the context fills, the turn budget shrinks and an observation is cut to fit
+(its passages, never its tags); a question whose prompt alone does not fit ends at once with an
+empty prediction.
+
+Under the ``paper`` rules (``protocol: paper`` or ``eval.loop: paper``) the loop is the paper's
+``infer.py``: see :mod:`sap.agent.protocol` and ``docs/eval.md``.
 
 Questions flow through a pool of at most ``max_in_flight`` episodes; a finished episode is
 replaced by the next question at once (continuous batching at turn granularity), and
@@ -30,14 +37,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sap.agent import protocol
 from sap.agent.engines.base import Engine, SamplingParams
 from sap.agent.retrieval import RetrievalError, RetrieverClient, docs_text
-from sap.rules.prompts import INVALID_ACTION_MESSAGE, chat_messages, information_block
+from sap.rules.prompts import chat_messages, paper_context, paper_docs_text
 from sap.rules.questions import Question  # re-exported: the agent's unit of work
-from sap.rules.tags import STOP_STRINGS, extract_answer, parse_action
-
-OBSERVATION_CUT_NOTE = " ..."
-"""Written where an observation was cut to fit the context."""
+from sap.rules.tags import STOP_STRINGS, TurnAction, extract_answer
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class AgentSettings:
     """Room for new tokens that an observation must leave in the context."""
     seed: int = 0
     prompt_template: str = "searchr1"
+    loop: protocol.LoopRules = "sap"
+    """Turn rules: ``sap`` or ``paper`` (the paper's ``infer.py``; ``max_turns`` then counts
+    generations)."""
 
 
 @dataclass
@@ -93,6 +101,11 @@ class Episode:
     started: float = 0.0
     latency_s: float = 0.0
     response: str = ""
+    rules: protocol.LoopRules = "sap"
+    context_text: str = ""
+    """paper rules: the context as text (the paper's script re-tokenises it every turn)."""
+    output: str = ""
+    """paper rules: the turn that ended the episode (empty when it ended without one)."""
 
     @property
     def done(self) -> bool:
@@ -100,6 +113,8 @@ class Episode:
 
     @property
     def prediction(self) -> str:
+        if self.rules == "paper":
+            return protocol.paper_answer(self.output)
         return extract_answer(self.response)
 
     @property
@@ -132,6 +147,12 @@ class Episode:
             "latency_s": round(self.latency_s, 4),
             **({"meta": self.question.meta} if self.question.meta else {}),
         }
+
+
+def prompt_text(tokenizer, question: str, template: str = "searchr1") -> str:
+    """The Search-R1 prompt in the model's chat template, as text (the paper's script passes
+    this text to vLLM)."""
+    return tokenizer.apply_chat_template(chat_messages(question, template), add_generation_prompt=True, tokenize=False)
 
 
 def prompt_ids(tokenizer, question: str, template: str = "searchr1") -> list[int]:
@@ -174,7 +195,10 @@ class SearchAgent:
                     active.append(ep)
             if not active:
                 return
-            self._step(list(active))
+            if self.settings.loop == "paper":
+                self._step_paper(list(active))
+            else:
+                self._step(list(active))
             still = deque()
             for ep in active:
                 if ep.done:
@@ -193,8 +217,13 @@ class SearchAgent:
     # -- one episode ----------------------------------------------------------------------
 
     def _start(self, q: Question) -> Episode:
-        ids = prompt_ids(self.tokenizer, q.question, self.settings.prompt_template)
-        ep = Episode(q, ids, list(ids), started=time.perf_counter())
+        if self.settings.loop == "paper":
+            text = prompt_text(self.tokenizer, q.question, self.settings.prompt_template)
+            ids = list(self.tokenizer.encode(text))  # a text prompt, tokenised as vLLM does
+            ep = Episode(q, ids, list(ids), started=time.perf_counter(), rules="paper", context_text=text)
+        else:
+            ids = prompt_ids(self.tokenizer, q.question, self.settings.prompt_template)
+            ep = Episode(q, ids, list(ids), started=time.perf_counter())
         if self._room(ep) < 1:
             ep.stop_reason = "prompt_too_long"
         return ep
@@ -208,7 +237,7 @@ class SearchAgent:
 
     # -- one step for all active episodes ---------------------------------------------------
 
-    def _step(self, active: list[Episode]) -> None:
+    def _generate(self, active: list[Episode]) -> list:
         s = self.settings
         params = [
             SamplingParams(
@@ -222,40 +251,53 @@ class SearchAgent:
         ]
         gens = self.engine.generate([ep.context_ids for ep in active], params)
         self.generate_calls += 1
+        if not s.use_stop_strings:  # cut afterwards, as Search-R1 does
+            gens = [_cut_after(self.engine, g) for g in gens]
+        return gens
+
+    @staticmethod
+    def _engine_failed(ep: Episode, gen) -> bool:
+        """The engine gave up on this turn (a remote teacher kept failing): the episode fails."""
+        if gen.finish_reason != "error":
+            return False
+        ep.stop_reason = "engine_error"
+        ep.question.meta["engine_error"] = (gen.error or "unknown")[:500]
+        return True
+
+    def _step(self, active: list[Episode]) -> None:
+        """One turn of every active episode under the sap rules."""
         searching: list[tuple[Episode, str]] = []
-        for ep, gen in zip(active, gens, strict=True):
-            if gen.finish_reason == "error":  # the engine gave up on this turn: the episode fails
-                ep.stop_reason = "engine_error"
-                ep.question.meta["engine_error"] = (gen.error or "unknown")[:500]
+        for ep, gen in zip(active, self._generate(active), strict=True):
+            if self._engine_failed(ep, gen):
                 continue
-            kept = gen
-            if not s.use_stop_strings:  # cut afterwards, as Search-R1 does
-                kept = _cut_after(self.engine, gen)
-            self._append(ep, kept.token_ids, generated=True)
-            ep.response += kept.text
-            action = parse_action(kept.text)
-            turn = Turn(kept.text, action.kind, action.content if action.kind == "search" else None, gen.num_generated, gen.finish_reason)
-            turn.prompt_tokens = gen.prompt_tokens if gen.prompt_tokens is not None else len(ep.context_ids) - len(kept.token_ids)
+            self._append(ep, gen.token_ids, generated=True)
+            text = protocol.read_turn(self.tokenizer, gen.token_ids)
+            ep.response += text
+            action = protocol.classify(text)
+            turn = Turn(text, action.kind, action.content if action.kind == "search" else None, gen.num_generated, gen.finish_reason)
+            turn.prompt_tokens = gen.prompt_tokens if gen.prompt_tokens is not None else len(ep.context_ids) - len(gen.token_ids)
             ep.turns.append(turn)
-            last_turn = len(ep.turns) > s.max_turns
-            if action.kind == "answer":
-                ep.stop_reason = "answer"
-            elif last_turn:
-                ep.stop_reason = "max_turns"
-            elif self._room(ep) < 1:
+            ep.stop_reason = protocol.stop_reason(action, len(ep.turns), self.settings.max_turns)
+            if ep.done:
+                continue
+            if self._room(ep) < 1:
                 ep.stop_reason = "context_full"
             elif action.kind == "search":
                 ep.queries.append(action.content)
                 searching.append((ep, action.content))
             else:
-                self._observe(ep, INVALID_ACTION_MESSAGE)
+                self._observe(ep, action, "")
         if searching:
-            self._search(searching)
+            docs = self._search(searching, docs_text)
+            for ep, _ in searching:
+                self._observe(ep, TurnAction("search", ep.queries[-1]), docs[id(ep)] or "")
 
-    def _search(self, searching: list[tuple[Episode, str]]) -> None:
-        """One retriever call for every query of the step (empty queries get no results)."""
+    def _search(self, searching: list[tuple[Episode, str]], fmt) -> dict[int, str | None]:
+        """One retriever call for every query of the step (an empty query is not sent and gets
+        no documents). Returns each episode's documents formatted by ``fmt``, None where the
+        retrieval failed."""
         asked = [(ep, q) for ep, q in searching if q.strip()]
-        texts: dict[int, str] = {id(ep): "" for ep, _ in searching}
+        texts: dict[int, str | None] = {id(ep): "" for ep, _ in searching}
         if asked:
             try:
                 if self.retriever is None:
@@ -263,46 +305,80 @@ class SearchAgent:
                 hits = self.retriever.search([q for _, q in asked], topk=self.settings.topk)
                 self.retrieve_calls += 1
                 for (ep, _), h in zip(asked, hits, strict=True):
-                    texts[id(ep)] = docs_text(h)
+                    texts[id(ep)] = fmt(h)
             except RetrievalError as e:
                 for ep, _ in asked:
+                    texts[id(ep)] = None
                     ep.retrieval_failures += 1
                     ep.question.meta.setdefault("retrieval_errors", []).append(str(e)[:300])
+        return texts
+
+    def _observe(self, ep: Episode, action: TurnAction, docs: str) -> None:
+        """Append the protocol's observation, cut to leave ``min_turn_tokens`` of room; end the
+        episode when even the cut observation does not fit."""
+        min_turn = min(self.settings.min_turn_tokens, self.settings.max_new_tokens)
+        obs = protocol.observation(self.tokenizer, action, docs, self._room(ep) - min_turn)
+        if obs is None:
+            ep.stop_reason = "context_full"
+            return
+        ep.observations_cut += obs.cut
+        self._append(ep, obs.ids, generated=False)
+        ep.response += obs.text
+        ep.turns[-1].observation = obs.text
+
+    # -- the paper's loop (infer.py) ----------------------------------------------------------
+
+    def _step_paper(self, active: list[Episode]) -> None:
+        """One turn of every active episode under the paper's rules: a turn with a search gets
+        the documents and the context is rebuilt as text; any other turn ends the episode and
+        is its output; an empty turn, running out of turns or a failed search ends it with no
+        output."""
+        searching: list[tuple[Episode, str]] = []
+        outputs: dict[int, str] = {}
+        for ep, gen in zip(active, self._generate(active), strict=True):
+            if self._engine_failed(ep, gen):
+                continue
+            output = protocol.paper_output(protocol.read_turn(self.tokenizer, gen.token_ids), gen.stop)
+            query = protocol.paper_query(output)
+            if query:
+                kind = "search"
+            else:  # an empty query is no search: the turn ends the episode
+                kind = "answer" if protocol.classify(output).kind == "answer" else "invalid"
+            ep.turns.append(
+                Turn(output, kind, query, gen.num_generated, gen.finish_reason, prompt_tokens=gen.prompt_tokens or len(ep.context_ids))
+            )
+            if not output:
+                ep.stop_reason = "empty_output"
+            elif query is None:
+                ep.output = output
+                ep.response += output
+                ep.stop_reason = "answer" if kind == "answer" else "no_search"
+            elif len(ep.turns) >= protocol.max_generations(self.settings.max_turns, "paper"):
+                ep.response += output
+                ep.stop_reason = "max_turns"
+            else:
+                ep.queries.append(query)
+                searching.append((ep, query))
+                outputs[id(ep)] = output
+        if not searching:
+            return
+        docs = self._search(searching, lambda hits: paper_docs_text([h.as_doc() for h in hits]))
         for ep, _ in searching:
-            self._observe(ep, information_block(texts[id(ep)]), docs=texts[id(ep)])
-
-    def _observe(self, ep: Episode, text: str, docs: str | None = None) -> None:
-        """Append an observation, cut to leave ``min_turn_tokens`` of room; end the episode
-        when even the cut observation does not fit."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        budget = self._room(ep) - min(self.settings.min_turn_tokens, self.settings.max_new_tokens)
-        if len(ids) > budget:
-            if docs is None or budget <= 0:
-                ep.stop_reason = "context_full"
-                return
-            ids, text = self._cut_information(docs, budget)
-            if ids is None:
-                ep.stop_reason = "context_full"
-                return
-            ep.observations_cut += 1
-        self._append(ep, ids, generated=False)
-        ep.response += text
-        ep.turns[-1].observation = text
-
-    def _cut_information(self, docs: str, budget: int) -> tuple[list[int] | None, str]:
-        """The information block with its documents cut to ``budget`` tokens in all."""
-        empty = self.tokenizer.encode(information_block(OBSERVATION_CUT_NOTE), add_special_tokens=False)
-        room = budget - len(empty)
-        if room < 0:
-            return None, ""
-        doc_ids = self.tokenizer.encode(docs, add_special_tokens=False)[:room]
-        text = information_block(self.tokenizer.decode(doc_ids) + OBSERVATION_CUT_NOTE)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        while len(ids) > budget and doc_ids:  # re-tokenisation can merge differently
-            doc_ids = doc_ids[: max(0, len(doc_ids) - max(1, len(ids) - budget))]
-            text = information_block(self.tokenizer.decode(doc_ids) + OBSERVATION_CUT_NOTE)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return (ids, text) if len(ids) <= budget else (None, "")
+            output = outputs[id(ep)]
+            if docs[id(ep)] is None:
+                ep.response += output
+                ep.stop_reason = "retrieval_error"
+                continue
+            before = ep.context_text
+            ep.context_text = paper_context(before, output, docs[id(ep)] or "")
+            added = ep.context_text[len(before) :]
+            ep.response += added
+            ep.turns[-1].observation = added[2 + len(output) :]
+            for piece, generated in (("\n\n", False), (output, True), (ep.turns[-1].observation, False)):
+                ep.mask.extend([int(generated)] * len(self.tokenizer.encode(piece, add_special_tokens=False)))
+            ep.context_ids = list(self.tokenizer.encode(ep.context_text))  # re-tokenised, as vLLM does
+            if self._room(ep) < 1:
+                ep.stop_reason = "context_full"  # vLLM refuses the prompt: the script scores ""
 
 
 def _turn_seed(seed: int, ep: Episode) -> int:
@@ -315,10 +391,12 @@ def _turn_seed(seed: int, ep: Episode) -> int:
 
 def _cut_after(engine: Engine, gen):
     """Without stop strings the engine ran on: keep what ends at the first stop string."""
-    from sap.agent.engines.base import Generation, StopMatcher
+    from dataclasses import replace
+
+    from sap.agent.engines.base import StopMatcher
 
     matcher = StopMatcher(engine.tokenizer)
     cut = matcher.finish(gen.token_ids, STOP_STRINGS, capped=gen.finish_reason == "length")
     if cut.finish_reason == "stop":
-        return Generation(cut.token_ids, cut.text, gen.finish_reason, gen.num_generated, cut.stop)
+        return replace(gen, token_ids=cut.token_ids, text=cut.text, stop=cut.stop)
     return gen

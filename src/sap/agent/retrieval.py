@@ -17,8 +17,12 @@ from typing import Any
 
 import httpx
 
+from sap.rules.config import RetrieverConfig
 from sap.rules.errors import SapError
 from sap.rules.prompts import format_docs
+
+_DEFAULTS = RetrieverConfig()
+"""The one place the client's defaults come from (``retriever`` in the experiment config)."""
 
 
 class RetrievalError(SapError, RuntimeError):
@@ -50,11 +54,11 @@ class _Retryable(Exception):
 class RetrieverClient:
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
-        topk: int = 3,
-        timeout_s: float = 30.0,
-        max_retries: int = 3,
-        backoff_s: float = 0.5,
+        url: str = _DEFAULTS.url,
+        topk: int = _DEFAULTS.topk,
+        timeout_s: float = _DEFAULTS.timeout_s,
+        max_retries: int = _DEFAULTS.max_retries,
+        backoff_s: float = _DEFAULTS.backoff_s,
     ):
         self.base_url = url.rstrip("/").removesuffix("/retrieve")
         self.topk = topk

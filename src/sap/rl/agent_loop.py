@@ -1,6 +1,10 @@
 """The Search-R1 agent loop on VeRL's ``verl.experimental.agent_loop`` extension point.
 
-One trajectory, token in and token out, the way sap's eval loop plays it in text:
+One trajectory, token in and token out. The turn rules are :mod:`sap.agent.protocol`'s, the
+functions the eval loop (:mod:`sap.agent.loop`) calls too: :func:`~sap.agent.protocol.read_turn`,
+:func:`~sap.agent.protocol.classify`, :func:`~sap.agent.protocol.stop_reason` and
+:func:`~sap.agent.protocol.observation`. A test plays one scripted policy through both loops and
+checks the same text and the same masks (``tests/rl/test_turn_protocol.py``).
 
 1. the prompt is the dataset's chat (``raw_prompt``: the shared Search-R1 prompt), rendered
    by the model's chat template through VeRL's Continuous Token builder;
@@ -8,15 +12,19 @@ One trajectory, token in and token out, the way sap's eval loop plays it in text
    than the response budget left), stopping at ``</search>`` or ``</answer>``
    (:data:`sap.rules.tags.STOP_STRINGS`). The generated token ids are appended as they came
    back (mask 1, with their log-probs); they are decoded only to read the action, never
-   re-tokenised;
-3. the turn is read with :func:`sap.rules.tags.parse_action`: an answer ends the trajectory;
-   a search gets ``information_block(docs)`` from the retriever, an invalid turn gets
-   :data:`sap.rules.prompts.INVALID_ACTION_MESSAGE`. Those inserted tokens have mask 0;
+   re-tokenised. When an observation follows, a turn's end-of-sequence token is removed
+   (:func:`~sap.agent.protocol.turn_ids`: the eval loop's context never holds it either);
+   a trajectory's last turn keeps it;
+3. the turn is read (decoded without special tokens) and classified: an answer ends the
+   trajectory; a search gets ``information_block(docs)`` from the retriever, an invalid turn
+   gets :data:`sap.rules.prompts.INVALID_ACTION_MESSAGE`. Those inserted tokens have mask 0;
 4. after ``max_turns`` search rounds one last turn is generated for the answer (Search-R1's
    meaning, shared with sap's eval loop); nothing is inserted after it, so a search written
-   there is not run. An observation that would leave no room for another generated token is
-   not inserted either, so a trajectory never ends on observation tokens. An empty query is not sent; it gets an empty
-   ``<information>`` block (as in the eval loop).
+   there is not run. An observation is cut to at most ``max_obs_tokens`` and to leave room
+   for at least one more generated token (the passages are cut, the tags kept; under
+   ``obs_cut: head``, the paper's rollout, the first ``max_obs_tokens`` ids are kept);
+   one that cannot fit even so ends the trajectory, so it never ends on observation tokens.
+   An empty query is not sent; it gets an empty ``<information>`` block (as in the eval loop).
 
 Retrieval failures are retried by :class:`~sap.agent.retrieval.RetrieverClient`; one that
 still fails is logged, counted in the trajectory's ``retrieval_failures`` (the reward function
@@ -34,9 +42,10 @@ from uuid import uuid4
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 from verl.utils.profiler import simple_timer
 
+from sap.agent import protocol
 from sap.agent.retrieval import RetrievalError, RetrieverClient, docs_text
-from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
-from sap.rules.tags import STOP_STRINGS, parse_action
+from sap.rules.config import RetrieverConfig
+from sap.rules.tags import STOP_STRINGS
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("SAP_LOGGING_LEVEL", "WARNING"))
@@ -69,6 +78,16 @@ def merge_extra_fields(into: dict[str, Any], new: dict[str, Any]) -> None:
         into[key] = value
 
 
+def _generation_config(model_path: str):
+    """The model's generation config (its end-of-sequence ids), or None."""
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
 class SearchAgentLoop(AgentLoopBase):
     """Search-R1 multi-turn rollouts: think, search, read ``<information>``, answer.
 
@@ -86,41 +105,22 @@ class SearchAgentLoop(AgentLoopBase):
         max_turns: int = 2,
         max_turn_tokens: int = 500,
         max_obs_tokens: int = 500,
+        obs_cut: protocol.ObservationCut = "tags",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        retriever = dict(retriever or {})
-        self.retriever = RetrieverClient(
-            url=str(retriever.get("url", "http://127.0.0.1:8000")),
-            topk=int(retriever.get("topk", 3)),
-            timeout_s=float(retriever.get("timeout_s", 30.0)),
-            max_retries=int(retriever.get("max_retries", 3)),
-            backoff_s=float(retriever.get("backoff_s", 0.5)),
-        )
-        if max_turns < 0 or max_turn_tokens < 1 or max_obs_tokens < 1:
-            raise ValueError(f"bad agent loop limits: {max_turns=} {max_turn_tokens=} {max_obs_tokens=}")
+        # the defaults of every retriever key are RetrieverConfig's (one place)
+        self.retriever = RetrieverClient.from_config(RetrieverConfig.model_validate(dict(retriever or {})))
+        if max_turns < 0 or max_turn_tokens < 1 or max_obs_tokens < 1 or obs_cut not in ("tags", "head"):
+            raise ValueError(f"bad agent loop settings: {max_turns=} {max_turn_tokens=} {max_obs_tokens=} {obs_cut=}")
         self.max_turns = int(max_turns)
         self.max_turn_tokens = int(max_turn_tokens)
         self.max_obs_tokens = int(max_obs_tokens)
+        self.obs_cut: protocol.ObservationCut = obs_cut
         self.response_length = int(self.rollout_config.response_length)
+        self.eos = protocol.eos_ids(self.tokenizer, _generation_config(self.config.actor_rollout_ref.model.path))
 
     # -- observations ------------------------------------------------------------------------
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def observation_ids(self, docs: str, stats: TrajectoryStats) -> list[int]:
-        """Token ids of ``information_block(docs)``; over ``max_obs_tokens`` the passages are cut
-        and the ``<information>`` tags kept."""
-        ids = self._encode(information_block(docs))
-        if len(ids) <= self.max_obs_tokens:
-            return ids
-        stats.obs_truncated += 1
-        block = information_block("\x00")
-        head, tail = block.split("\x00")
-        head_ids, tail_ids = self._encode(head), self._encode(tail)
-        room = max(0, self.max_obs_tokens - len(head_ids) - len(tail_ids))
-        return head_ids + self._encode(docs.strip())[:room] + tail_ids
 
     async def _search(self, query: str, stats: TrajectoryStats) -> str:
         stats.searches += 1
@@ -151,7 +151,7 @@ class SearchAgentLoop(AgentLoopBase):
         timing: dict[str, float] = {}
         num_preempted = 0
 
-        for turn in range(self.max_turns + 1):
+        for _ in range(protocol.max_generations(self.max_turns)):
             room = budget - len(response_ids)
             if room <= 0:
                 stats.budget_exhausted = True
@@ -179,25 +179,33 @@ class SearchAgentLoop(AgentLoopBase):
             if not generated or out.stop_reason in ("aborted", "abort"):
                 break
 
-            action = parse_action(self.tokenizer.decode(generated, skip_special_tokens=True))
-            if action.kind == "answer":
-                stats.answered = True
-                break
-            if turn == self.max_turns:
-                break  # the final turn: nothing is inserted after it
+            action = protocol.classify(protocol.read_turn(self.tokenizer, generated))
+            stop = protocol.stop_reason(action, stats.turns, self.max_turns)
+            stats.answered = stop == "answer"
+            if stop is not None:
+                break  # an answer, or the final turn: nothing is inserted after it
             with simple_timer("tool_calls", timing):
+                docs = ""
                 if action.kind == "search":
-                    obs = self.observation_ids(await self._search(action.content, stats), stats)
+                    docs = await self._search(action.content, stats)
                 else:
                     stats.invalid_actions += 1
-                    obs = self._encode(INVALID_ACTION_MESSAGE)
-            if len(response_ids) + len(obs) >= budget:
+                # at least one token of the budget is left for the next turn
+                room = budget - len(response_ids) - 1
+                obs = protocol.observation(self.tokenizer, action, docs, room, self.max_obs_tokens, cut=self.obs_cut)
+            if obs is None:
                 stats.budget_exhausted = True
                 break  # never end on observation tokens
-            response_ids += obs
-            response_mask += [0] * len(obs)
+            stats.obs_truncated += obs.cut
+            # the context goes on: the turn's end-of-sequence token is not kept (as in eval)
+            end = len(response_ids) - len(generated) + len(protocol.turn_ids(generated, self.eos))
+            del response_ids[end:], response_mask[end:]
             if logprobs is not None:
-                logprobs += [0.0] * len(obs)
+                del logprobs[end:]
+            response_ids += obs.ids
+            response_mask += [0] * len(obs.ids)
+            if logprobs is not None:
+                logprobs += [0.0] * len(obs.ids)
 
         extra_fields.update({"sap_" + k: v for k, v in asdict(stats).items()})
         extra_fields.setdefault("turn_scores", [])

@@ -382,7 +382,11 @@ class PPOConfig(_Section):
     max_response_length: int = Field(500, ge=1)
     """Token cap of one generated turn (passed to the rollout server as ``max_tokens``)."""
     max_obs_length: int = Field(500, ge=1)
-    """Token cap of one inserted ``<information>`` block (the passages are cut, the tags kept)."""
+    """Token cap of one inserted ``<information>`` block (cut as ``obs_cut`` says)."""
+    obs_cut: Literal["tags", "head"] | None = None
+    """How a longer ``<information>`` block is cut. ``tags``: the passages are cut, the tags
+    kept (sap). ``head``: its first ``max_obs_length`` tokens are kept, so ``</information>`` is
+    lost (the paper's Search-R1 rollout). None: ``head`` under ``protocol: paper``, else ``tags``."""
     response_budget: int | None = Field(None, ge=1)
     """Total response tokens across all turns and observations (VeRL's ``response_length``).
     None: (max_turns + 1) * max_response_length + max_turns * max_obs_length."""
@@ -722,6 +726,11 @@ class ExperimentConfig(_Section):
     def sft_layout(self) -> Literal["paper", "sap"]:
         """The SFT sample layout: ``sft.prepare.layout``, or the ``protocol`` when unset."""
         return self.sft.prepare.layout or self.protocol
+
+    @property
+    def ppo_obs_cut(self) -> Literal["tags", "head"]:
+        """The PPO observation cut in force: ``ppo.obs_cut``, or the ``protocol``'s."""
+        return self.ppo.obs_cut or ("head" if self.protocol == "paper" else "tags")
 
     def expand(self, text: str) -> str:
         """Fill ``{experiment}`` and ``{run_dir}`` in a configured path."""

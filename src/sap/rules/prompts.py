@@ -83,3 +83,23 @@ def format_docs(docs: Sequence[Mapping[str, object]]) -> str:
 def information_block(docs_text: str) -> str:
     """The observation appended to the context after a ``</search>``."""
     return f"\n\n<information>{docs_text.strip()}</information>\n\n"
+
+
+# --- the paper's evaluation script (infer.py), reproduced exactly under ``protocol: paper`` ----
+
+
+def paper_docs_text(docs: Sequence[Mapping[str, object]]) -> str:
+    """Retrieved documents as the paper's ``infer.py`` writes them: ``Doc {i}(Title: {title})
+    {text}`` with each text stripped, joined by newlines, no trailing newline (sap's
+    :func:`format_docs` keeps each text as is and ends every line with a newline)."""
+    lines = []
+    for i, doc in enumerate(docs, start=1):
+        title, text = split_contents(str(doc["contents"])) if "contents" in doc else (str(doc.get("title", "")), str(doc.get("text", "")))
+        lines.append(f"Doc {i}(Title: {title}) {text.strip()}")
+    return "\n".join(lines)
+
+
+def paper_context(context: str, output: str, docs_text: str) -> str:
+    """The paper's next context after a search turn: the blank line goes *before* the model's
+    turn, which is copied back in, and the documents are not stripped."""
+    return f"{context}\n\n{output}<information>{docs_text}</information>\n\n"

@@ -84,6 +84,7 @@ def agent_settings(cfg: ExperimentConfig) -> AgentSettings:
         min_turn_tokens=e.min_turn_tokens,
         seed=e.seed,
         prompt_template=cfg.prompt_template,
+        loop=cfg.eval_loop,
     )
 
 
@@ -162,6 +163,8 @@ def _check_settings(group_dir: Path, fingerprint: dict[str, Any]) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return
+    if isinstance(old.get("agent"), dict):  # written before eval.loop existed: the sap loop
+        old["agent"].setdefault("loop", "sap")
     if "model_files" not in old:  # written before sap recorded the model's files: cannot tell
         old = old | {"model_files": fingerprint.get("model_files")}
     diff = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))

@@ -119,6 +119,7 @@ def agent_loop_config(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             "max_turns": cfg.ppo.max_turns,
             "max_turn_tokens": cfg.ppo.max_response_length,
             "max_obs_tokens": cfg.ppo.max_obs_length,
+            "obs_cut": cfg.ppo_obs_cut,
         }
     ]
 

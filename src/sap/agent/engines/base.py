@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from sap.agent.protocol import eos_ids  # re-exported: the engines' end-of-turn ids
+
+__all__ = ["Engine", "FinishReason", "Generation", "SamplingParams", "StopMatcher", "eos_ids"]
+
 FinishReason = Literal["stop", "eos", "length", "error"]
 """``error``: the engine could not generate this turn (a remote teacher kept failing); the
 agent ends the episode with ``stop_reason="engine_error"``."""
@@ -113,17 +117,3 @@ def _shortest_prefix(ids: list[int], n_chars: int, decode) -> int:
         else:
             lo = mid + 1
     return lo
-
-
-def eos_ids(tokenizer, generation_config=None) -> frozenset[int]:
-    """End-of-sequence ids of a model: the tokenizer's and the generation config's (Qwen's
-    instruct models end a turn with ``<|im_end|>`` and also stop at ``<|endoftext|>``)."""
-    found: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        found.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    if isinstance(gen_eos, int):
-        found.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        found.update(int(t) for t in gen_eos)
-    return frozenset(found)
