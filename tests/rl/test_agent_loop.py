@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from sap.agent import protocol
 from sap.agent.retrieval import RetrieverClient, docs_text
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, information_block
 from sap.rules.tags import STOP_STRINGS
@@ -96,7 +97,10 @@ def runs(mask: list[int]) -> list[tuple[int, int, int]]:
 
 def check_invariants(s: Sample, tokenizer, cfg) -> None:
     """What every trajectory must satisfy, scripted or not."""
+    from transformers import GenerationConfig
+
     p = cfg.ppo
+    eos = protocol.eos_ids(tokenizer, GenerationConfig.from_pretrained(cfg.model.path))
     assert len(s.response_ids) == len(s.mask) <= p.total_response_length
     assert s.mask and s.mask[-1] == 1, "a trajectory never ends on observation tokens"
     assert 1 <= len(s.calls) <= p.max_turns + 1
@@ -108,7 +112,7 @@ def check_invariants(s: Sample, tokenizer, cfg) -> None:
             # the generated tokens are exactly the server's, never re-tokenised (an end-of-
             # sequence token is removed when an observation follows, as in eval)
             last = end == len(s.mask)
-            kept = call.token_ids[:-1] if not last and call.token_ids[-1:] == [tokenizer.eos_token_id] else call.token_ids
+            kept = call.token_ids if last else protocol.turn_ids(call.token_ids, eos)
             assert s.response_ids[start:end] == kept
             assert call.prompt_ids == s.prompt_ids + s.response_ids[:start]
             assert call.sampling_params["stop"] == list(STOP_STRINGS)

@@ -12,10 +12,10 @@ import pytest
 
 from sap.agent.loop import prompt_ids
 from sap.agent.retrieval import RetrieverClient, docs_text
-from sap.rl.hf_server import HFGenerationServer
 
 from .. import turn_script as script
 from .conftest import small_config
+from .scripted_server import ScriptedHFServer
 from .test_agent_loop import check_invariants, rollouts
 
 pytestmark = [pytest.mark.rl_env, pytest.mark.slow]
@@ -31,7 +31,7 @@ def test_agent_loop_plays_the_scripted_policy_exactly(tmp_path: Path, tiny_model
         "ppo.max_obs_length=3000",
         "ppo.response_budget=8000",
     )
-    server = HFGenerationServer(str(tiny_model), script={script.QUESTION: list(script.TURNS)})
+    server = ScriptedHFServer(str(tiny_model), script={script.QUESTION: list(script.TURNS)})
     samples, _, _ = rollouts(cfg, server)
     tok = server.tokenizer
     s = samples[script.QUESTION]

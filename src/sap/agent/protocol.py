@@ -82,13 +82,12 @@ def eos_ids(tokenizer, generation_config=None) -> frozenset[int]:
 
 
 def turn_ids(ids: Sequence[int], eos: frozenset[int]) -> list[int]:
-    """A generated turn's ids as the next turn continues from them: up to, not including, the
-    first end-of-sequence id (the eval engines return them so; VeRL's rollout server returns
-    the EOS, which the agent loop removes when an observation follows). Search-R1's rollout,
-    which re-tokenises the decoded turn, drops it too."""
+    """A generated turn's ids as the next turn continues from them: without the
+    end-of-sequence id that ended it (the eval engines return them so; VeRL's rollout server
+    returns that id, which the agent loop removes when an observation follows). Search-R1's
+    rollout, which re-tokenises the decoded turn, drops it too."""
     ids = list(ids)
-    cut = next((i for i, t in enumerate(ids) if t in eos), None)
-    return ids if cut is None else ids[:cut]
+    return ids[:-1] if ids and ids[-1] in eos else ids
 
 
 def classify(text: str) -> TurnAction:
