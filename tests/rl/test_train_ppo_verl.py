@@ -75,9 +75,10 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
         f"ppo.val_data={questions}",
         "ppo.train_batch_size=4",
         "ppo.ppo_mini_batch_size=4",
-        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.ppo_micro_batch_size_per_gpu=1",  # 4 prompts over 2x2 GPUs: 1 row per GPU
         "ppo.n_gpus_per_node=2",
         "ppo.nnodes=2",
+        "ppo.agent_workers=4",
         "ppo.max_prompt_length=512",
         "tracking.backend=tensorboard",
         f"environments.rl_python={sys.executable}",
@@ -123,13 +124,20 @@ def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):
         "ppo.train_batch_size=4",
         "ppo.ppo_mini_batch_size=4",
         "ppo.ppo_micro_batch_size_per_gpu=2",
-        "ppo.n_gpus_per_node=3",  # 4 prompts cannot be split over 3 GPUs
+        "ppo.n_gpus_per_node=1",
+        "ppo.agent_workers=1",
+        "ppo.lora_rank=1024",  # above vLLM's largest LoRA rank (512)
         f"environments.rl_python={sys.executable}",
     ]
     done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)])
     assert done.returncode == 2
-    assert "VeRL rejected the configuration" in done.stderr and "divisible" in done.stderr
+    assert "VeRL rejected the configuration" in done.stderr and "lora_rank must be less than or equal to 512" in done.stderr
     assert "Traceback" not in done.stderr
+    # 4 prompts over 3 GPUs: the preflight refuses it before VeRL is asked
+    sets = [s for s in sets if not s.startswith(("ppo.n_gpus_per_node", "ppo.lora_rank"))] + ["ppo.n_gpus_per_node=3"]
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2 and "preflight" in done.stderr and "not a whole number of rows per GPU" in done.stderr
+    assert "VeRL rejected" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model: Path):

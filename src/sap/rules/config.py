@@ -266,6 +266,8 @@ VERL_OWNED: dict[str, str] = {
     "trainer.nnodes": "ppo.nnodes",
     "trainer.total_training_steps": "ppo.total_training_steps",
     "trainer.save_freq": "ppo.save_freq",
+    "trainer.max_actor_ckpt_to_keep": "ppo.keep_checkpoints",
+    "trainer.max_critic_ckpt_to_keep": "ppo.keep_checkpoints",
     "trainer.test_freq": "ppo.test_freq",
     "trainer.default_local_dir": "the run directory (runs/<experiment>/ppo/checkpoints)",
     "critic.enable": "ppo.algorithm",
@@ -353,6 +355,12 @@ class SFTConfig(_Section):
         return self
 
 
+FULL_FT_ACTOR_LR = 1e-6
+"""The paper's (table 1) policy learning rate, a full fine-tuning rate."""
+LORA_ACTOR_LR = 1e-5
+"""Policy learning rate with LoRA: ~10x the full fine-tuning rate (VeRL's LoRA guide)."""
+
+
 class PPOConfig(_Section):
     """Stage 3 (``sap train-ppo``): Search-R1-style multi-turn PPO on VeRL. Defaults are the
     paper's table 1; keys below ``verl`` pass any other VeRL Hydra override through."""
@@ -368,8 +376,9 @@ class PPOConfig(_Section):
     """Questions per actor/critic update within a step (at most ``train_batch_size``)."""
     ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
     """Sequences per forward/backward pass on one GPU (gradient accumulation beyond)."""
-    actor_lr: float = Field(1e-6, gt=0)
-    """Policy learning rate."""
+    actor_lr: float | None = Field(None, gt=0)
+    """Policy learning rate. None: 1e-6 (table 1, full fine-tuning), or 1e-5 with ``lora_rank`` > 0
+    (LoRA adapters need about 10x the full fine-tuning rate, VeRL's LoRA guide)."""
     critic_lr: float = Field(1e-5, gt=0)
     """Critic learning rate (``ppo`` only)."""
     kl_coef: float = Field(0.001, ge=0)
@@ -439,10 +448,18 @@ class PPOConfig(_Section):
     """VeRL agent-loop workers (Ray actors) running trajectories in parallel."""
     save_freq: int = Field(100, ge=-1)
     """Save a checkpoint every N steps (-1: never; the last one is merged into ppo/merged)."""
+    keep_checkpoints: int | None = Field(2, ge=1)
+    """Newest checkpoints kept under ``ppo/checkpoints`` (VeRL's ``max_actor_ckpt_to_keep`` and
+    ``max_critic_ckpt_to_keep``; raised to keep ``merge_step``'s). Each holds actor and critic
+    weights and optimizer states (~12 bytes per parameter each, ~74 GB for a 3B actor + critic).
+    None keeps every save."""
     test_freq: int = Field(50, ge=-1)
     """Validate every N steps (-1: never)."""
-    n_gpus_per_node: int = Field(8, ge=1)
-    """GPUs per node VeRL uses."""
+    n_gpus_per_node: int = Field(2, ge=1)
+    """GPUs per node VeRL uses: 2, the paper's own count (its train_ppo.sh). Each GPU gets
+    (train_batch_size x rollout_n) / GPUs rows, which every micro-batch must divide: on 8 GPUs
+    the table-1 batch of 32 leaves 4 rows per GPU, so set ppo_micro_batch_size_per_gpu 4 there
+    (the preflight checks it)."""
     nnodes: int = Field(1, ge=1)
     """Nodes of the Ray cluster."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -483,6 +500,13 @@ class PPOConfig(_Section):
                 "the budget covers every turn, so it must hold at least one"
             )
         return self
+
+    @property
+    def policy_lr(self) -> float:
+        """``actor_lr``, or its default for full fine-tuning (1e-6) or LoRA (1e-5)."""
+        if self.actor_lr is not None:
+            return self.actor_lr
+        return LORA_ACTOR_LR if self.lora_rank > 0 else FULL_FT_ACTOR_LR
 
     @property
     def samples_per_prompt(self) -> int:

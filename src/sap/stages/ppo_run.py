@@ -222,6 +222,7 @@ def train(python: str, the_plan: stage.PPOPlan, total_steps: int, stall_timeout_
         if resumed_from >= total_steps:
             break
         try:
+            stage.ensure_critic_adapter(python, the_plan, log_path)
             _run_trainer(python, the_plan, log_path, writer, total_steps, resumed_from, stall_timeout_s)
             break
         except stage.PPORunFailed as e:

@@ -37,6 +37,8 @@ from sap.rules.config import ExperimentConfig
 from sap.rules.errors import RunFailed, SapError
 from sap.rules.prompts import chat_messages, normalize_question
 from sap.rules.questions import Question, QuestionFileError, QuestionFileNotFound, read_questions
+from sap.stages import ppo_preflight
+from sap.stages.ppo_preflight import CRITIC_ADAPTER_DIR, planned_saves
 
 AGENT_NAME = "sap_search"
 AGENT_LOOP_TARGET = "sap.rl.agent_loop.SearchAgentLoop"
@@ -159,11 +161,16 @@ class PPOPlan:
 
     run_dir: Path
     model_path: str
-    overrides: list[str]
+    settings: dict[str, Any]
+    """VeRL Hydra settings, ``key.path -> value`` (:func:`verl_settings`, then the preflight's)."""
     env: dict[str, str] = field(default_factory=dict)
     merge_step: int | None = None
     """``ppo.merge_step``: the checkpoint to merge (None: the last)."""
     device: str = "cuda"
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={hydra_value(v)}" for k, v in self.settings.items()]
 
     @property
     def ppo_dir(self) -> Path:
@@ -189,6 +196,19 @@ def _abs(path: Path) -> str:
 def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, device: str = "cuda") -> list[str]:
     """Every VeRL Hydra override that the experiment config decides; on ``device="cpu"`` also
     :func:`sap.rl.cpu.cpu_overrides` (``ppo.verl`` last)."""
+    return [f"{k}={hydra_value(v)}" for k, v in verl_settings(cfg, model_path, ppo_dir, device).items()]
+
+
+def kept_checkpoints(cfg: ExperimentConfig) -> int | None:
+    """``ppo.keep_checkpoints``, raised so that VeRL's rotation keeps ``ppo.merge_step``'s checkpoint."""
+    p = cfg.ppo
+    if p.keep_checkpoints is None or p.merge_step is None:
+        return p.keep_checkpoints
+    return max(p.keep_checkpoints, planned_saves(p.total_training_steps, p.save_freq, p.merge_step - 1))
+
+
+def verl_settings(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, device: str = "cuda") -> dict[str, Any]:
+    """The VeRL settings :func:`hydra_overrides` writes, ``key.path -> value``."""
     p = cfg.ppo
     model = _abs(Path(model_path)) if Path(model_path).exists() else model_path
     grpo = p.algorithm == "grpo"
@@ -209,7 +229,7 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, devic
         "actor_rollout_ref.model.use_remove_padding": True,
         "actor_rollout_ref.model.enable_gradient_checkpointing": True,
         "actor_rollout_ref.model.lora_rank": p.lora_rank,
-        "actor_rollout_ref.actor.optim.lr": p.actor_lr,
+        "actor_rollout_ref.actor.optim.lr": p.policy_lr,
         "actor_rollout_ref.actor.ppo_mini_batch_size": p.ppo_mini_batch_size,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": p.ppo_micro_batch_size_per_gpu,
         "actor_rollout_ref.actor.use_kl_loss": grpo,
@@ -248,6 +268,8 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, devic
         "trainer.nnodes": p.nnodes,
         "trainer.total_training_steps": p.total_training_steps,
         "trainer.save_freq": p.save_freq,
+        "trainer.max_actor_ckpt_to_keep": kept_checkpoints(cfg),
+        "trainer.max_critic_ckpt_to_keep": kept_checkpoints(cfg),
         "trainer.test_freq": p.test_freq,
         "trainer.default_local_dir": _abs(ppo_dir / "checkpoints"),
         # per-sample logs: every rollout and validation trajectory with its reward metrics (JSONL per step)
@@ -272,6 +294,9 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, devic
         if p.lora_rank > 0:
             o["critic.model.lora_rank"] = p.lora_rank
             o["critic.model.lora_alpha"] = p.lora_alpha
+            # VeRL's own LoRA wrapping of the value model fails (and would freeze its head):
+            # start from sap's TOKEN_CLS adapter, value head in modules_to_save (sap.rl.critic_adapter)
+            o["critic.model.lora_adapter_path"] = _abs(ppo_dir / CRITIC_ADAPTER_DIR)
     if device == "cpu":
         from sap.rl.cpu import cpu_overrides
 
@@ -284,7 +309,7 @@ def hydra_overrides(cfg: ExperimentConfig, model_path: str, ppo_dir: Path, devic
             check_ray_capacity(o, p.n_gpus_per_node * p.nnodes, p.agent_workers)
         except ValueError as e:
             raise PPOStageError(str(e)) from None
-    return [f"{k}={hydra_value(v)}" for k, v in o.items()]
+    return o
 
 
 def tracking_env(cfg: ExperimentConfig, ppo_dir: Path) -> dict[str, str]:
@@ -307,7 +332,7 @@ def plan(cfg: ExperimentConfig, init: str | None = None, device: str = "cuda") -
         from sap.rl.cpu import cpu_env
 
         env.update(cpu_env(ppo_dir / "rollout_weights.jsonl"))
-    return PPOPlan(run_dir, model_path, hydra_overrides(cfg, model_path, ppo_dir, device), env, cfg.ppo.merge_step, device)
+    return PPOPlan(run_dir, model_path, verl_settings(cfg, model_path, ppo_dir, device), env, cfg.ppo.merge_step, device)
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -379,6 +404,7 @@ def train_ppo(cfg: ExperimentConfig, *, dry_run: bool = False, rollouts: int = 0
     write_agent_loop_config(cfg, ppo_dir / "agent_loop.yaml")
     python = str(envs.python_for(cfg, "rl"))
     the_plan = plan(cfg, device=resolve_device(cfg, python, dry_run))
+    ppo_preflight.apply(cfg, the_plan, counts["train"], launch=not dry_run, warn=echo)
     if not Path(the_plan.model_path).exists():
         if cfg.ppo.init == "sft" and not dry_run:
             raise PPOStageError(f"merged SFT model not found: {the_plan.model_path} (run `sap train-sft` first, or use --init base)")
@@ -403,6 +429,26 @@ def train_ppo(cfg: ExperimentConfig, *, dry_run: bool = False, rollouts: int = 0
 
 
 # --- children in the RL environment (through sap.envs) -----------------------------------------
+
+
+def ensure_critic_adapter(python: str, the_plan: PPOPlan, log_path: Path, timeout_s: float = 1800) -> Path | None:
+    """Write the LoRA critic's initial adapter (:mod:`sap.rl.critic_adapter`, in the RL
+    environment) when the plan uses sap's and it is not there yet; returns its folder."""
+    adapter = the_plan.settings.get("critic.model.lora_adapter_path")
+    if (
+        not adapter
+        or Path(adapter) != (the_plan.ppo_dir / CRITIC_ADAPTER_DIR).resolve()
+        or (Path(adapter) / "adapter_config.json").is_file()
+    ):
+        return Path(adapter) if adapter else None
+    cmd = [python, "-m", "sap.rl.critic_adapter", "--model", the_plan.model_path, "--out", adapter]
+    cmd += ["--rank", str(the_plan.settings["critic.model.lora_rank"]), "--alpha", str(the_plan.settings["critic.model.lora_alpha"])]
+    done = envs.run(
+        cmd, log=log_path, env=envs.child_env(python), timeout_s=timeout_s, check=False, what="the LoRA critic's initial adapter"
+    )
+    if done.returncode != 0:
+        raise PPOStageError(f"writing the LoRA critic's initial adapter failed (log: {done.log}):\n{done.tail(25)}")
+    return Path(adapter)
 
 
 def rl_python(cfg: ExperimentConfig) -> str:
