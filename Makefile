@@ -106,13 +106,21 @@ $(RL_VENV)/.installed: pyproject.toml $(RL_CONSTRAINTS) | $(RL_BIN)/python $(NEE
 
 setup-rl: $(RL_VENV)/.installed
 
-# GPU node only (CUDA 13, not run in CI): VeRL's vLLM + FSDP extras pin torch 2.11, vllm 0.24,
-# transformers 5.9 and flash-attn 2.8.3 (prebuilt wheel for cu130/torch 2.11).
-setup-gpu:
-	@command -v nvidia-smi >/dev/null || { echo "setup-gpu: no nvidia-smi here; run this on a GPU node (CPU machines: make setup-rl)"; exit 2; }
+# GPU node only (not run in CI; docs/gpu-node.md). The GPU stack: verl[vllm,fsdp]==0.9.1 + sap, pinned
+# in constraints/gpu.txt (torch 2.11.0 and vLLM 0.24.0 from PyPI are CUDA 13.0 builds: NVIDIA driver
+# >= 580.65.06). flash-attn 2.8.3 has only a source release on PyPI (its isolated build fails: "No
+# module named 'torch'"), so it comes from the prebuilt wheel for CUDA 13.0 + torch 2.11 and this
+# Python (sap/gpu_node.py; VeRL's own install guide uses the same release). scripts/check_gpu_node.py
+# refuses a node whose driver, Python or glibc cannot run the stack before anything is installed;
+# python -m sap.rl.gpu_probe imports vLLM and runs a flash-attn kernel on the GPU afterwards.
+GPU_CONSTRAINTS ?= constraints/gpu.txt
+FLASH_ATTN_URL  ?= $(shell $(PYTHON) scripts/check_gpu_node.py --flash-attn-url)
+
+setup-gpu: | $(NEEDS_UV)
+	$(PYTHON) scripts/check_gpu_node.py
 	test -x $(RL_BIN)/python || $(PYTHON) -m venv $(RL_VENV)
-	$(RL_BIN)/pip install $(PIP_FLAGS) "verl[vllm,fsdp]==0.9.1" -e ".[dev,data]"
-	$(RL_BIN)/python -c "import torch, vllm, flash_attn; assert torch.cuda.is_available(); print('GPU RL environment ready:', torch.__version__, vllm.__version__)"
+	$(call pip_install,$(RL_BIN),-c $(GPU_CONSTRAINTS) "verl[vllm,fsdp]==0.9.1" "flash-attn @ $(FLASH_ATTN_URL)" -e "$(RL_EXTRAS)")
+	$(RL_BIN)/python -m sap.rl.gpu_probe
 	@touch $(RL_VENV)/.installed
 
 # Two runs: the core environment (everything not marked rl_env), then the RL environment

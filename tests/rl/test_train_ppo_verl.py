@@ -91,8 +91,9 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
     command = (ppo / "command.txt").read_text().strip()
     assert command in done.stdout
     argv = shlex.split(command)
-    assert argv[0] == "TENSORBOARD_DIR=" + str((ppo / "tensorboard").resolve())
-    assert argv[1:4] == [sys.executable, "-m", "verl.trainer.main_ppo"]
+    n_env = argv.index(sys.executable)
+    assert "TENSORBOARD_DIR=" + str((ppo / "tensorboard").resolve()) in argv[:n_env]
+    assert argv[n_env : n_env + 3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
     resolved = yaml.safe_load((ppo / "verl_config.yaml").read_text())
     assert resolved["algorithm"]["adv_estimator"] == expect["adv"]
     assert resolved["critic"]["enable"] is expect["critic"]
@@ -101,7 +102,7 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
     assert resolved["actor_rollout_ref"]["actor"]["use_kl_loss"] is expect["kl_loss"]
     assert resolved["algorithm"]["use_kl_in_reward"] is expect["kl_reward"]
     assert resolved["trainer"]["n_gpus_per_node"] == 2 and resolved["trainer"]["nnodes"] == 2
-    assert resolved["trainer"]["logger"] == ["console", "tensorboard"]
+    assert resolved["trainer"]["logger"][:2] == ["console", "tensorboard"]
     assert resolved["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "sap_search"
     assert resolved["data"]["max_response_length"] == 3 * 500 + 2 * 500
     assert resolved["reward"]["custom_reward_function"]["path"] == "pkg://sap.rl.reward"
