@@ -134,6 +134,10 @@ def check_rl(f: Findings) -> Iterable[Check]:
 CHECKS: list[CheckFn] = [check_core, check_sft, check_rl]
 """Every check ``sap doctor`` runs, in order; append a function to add one."""
 
+from sap.stages.gpu_doctor import GPU_CHECKS  # noqa: E402  (it builds on Check and Findings above)
+
+CHECKS += GPU_CHECKS
+
 
 def doctor(cfg: ExperimentConfig, checks: Iterable[CheckFn] | None = None) -> DoctorReport:
     findings = probe_all(cfg)
