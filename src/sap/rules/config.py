@@ -37,7 +37,10 @@ class ModelConfig(_Section):
     path: str = "Qwen/Qwen2.5-3B-Instruct"
     """Local path or hub id of the base policy."""
     chat_template: str = "qwen"
-    """LLaMA-Factory template name for SFT."""
+    """LLaMA-Factory template name for SFT (e.g. ``qwen``, ``smollm2``), or ``auto``: the template
+    LLaMA-Factory derives from the tokenizer's own chat template, i.e. the one eval and VeRL render.
+    train-sft checks before training that it renders a sample's prompt to the same tokens as the
+    tokenizer (``sap.models.template_check``)."""
 
 
 class TrackingConfig(_Section):

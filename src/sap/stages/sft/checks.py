@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sap import envs
+from sap.models.template_check import ensure_same_prompt
 from sap.rules.config import ExperimentConfig
 from sap.stages.prepare_sft import DATA_FILE
 from sap.stages.sft.paths import SETUP_TARGET, SFTError, SFTPaths
@@ -122,4 +123,5 @@ def run_checks(cfg: ExperimentConfig, paths: SFTPaths) -> Checked:
     n_samples = check_dataset(paths.data_dir)
     env = probe_environment(cfg.environments.sft_python)
     check_environment(cfg, env)
+    ensure_same_prompt(cfg, model, paths.data_dir, env.python)
     return Checked(model, n_samples, env)

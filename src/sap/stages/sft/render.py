@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sap.models.template_check import template_arg
 from sap.rules.atomic import atomic_write_json
 from sap.rules.config import ExperimentConfig
 from sap.stages.prepare_sft import DATASET_NAME
@@ -79,7 +80,7 @@ def train_args(cfg: ExperimentConfig, model: Path, paths: SFTPaths, deepspeed: P
         "lora_target": s.lora.target,
         "dataset": DATASET_NAME,
         "dataset_dir": str(paths.data_dir),
-        "template": cfg.model.chat_template,
+        **template_arg(cfg.model.chat_template),
         "cutoff_len": s.cutoff_len,
         "overwrite_cache": True,
         "output_dir": str(paths.adapter),
@@ -110,7 +111,7 @@ def export_args(train: dict[str, Any], paths: SFTPaths, out_dir: Path) -> dict[s
     lora = train.get("finetuning_type", "lora") == "lora"
     args: dict[str, Any] = {
         "model_name_or_path": train["model_name_or_path"] if lora else str(paths.adapter),
-        "template": train["template"],
+        **({"template": train["template"]} if "template" in train else {}),
         "finetuning_type": train.get("finetuning_type", "lora"),
         "trust_remote_code": train.get("trust_remote_code", False),
         "export_dir": str(out_dir),

@@ -1,0 +1,1 @@
+"""Getting models into sap: importers (GGUF → Hugging Face checkpoint)."""
