@@ -167,8 +167,10 @@ clean:
 
 # The main job: every stage for real on data/ and SmolLM2-135M-Instruct (scripts/pipeline.sh
 # starts and stops the retriever, and reuses what an earlier run finished).
+# OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning between kernels, which
+# keeps a busy shared CPU from wasting its time slices (override by setting it).
 demo: install setup-sft setup-rl $(SMOLLM2_DIR)/config.json
-	SAP=$(BIN)/sap bash scripts/pipeline.sh $(DEMO_CONFIG)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} SAP=$(BIN)/sap bash scripts/pipeline.sh $(DEMO_CONFIG)
 
 # The plumbing check: the same stages on a tiny random Qwen2 built here (EM stays 0).
 demo-tiny: install setup-sft setup-rl

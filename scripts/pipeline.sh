@@ -2,7 +2,7 @@
 # Run every stage of one experiment config end to end, with its retriever:
 #   index -> retriever -> prepare-sft -> train-sft -> train-ppo -> eval -> report
 #
-#   bash scripts/pipeline.sh configs/demo/tiny_cpu.yaml                 # what `make demo` runs (CPU)
+#   bash scripts/pipeline.sh configs/demo/smollm2_cpu.yaml              # what `make demo` runs (CPU; make demo-tiny: tiny_cpu.yaml)
 #   bash scripts/pipeline.sh configs/paper/nq_qwen2.5-3b.yaml           # the paper's recipe, 8-GPU node
 #   bash scripts/pipeline.sh CONFIG eval.limit=8 sft.num_train_epochs=1 # extra args: config overrides
 #
