@@ -122,6 +122,10 @@ def cpu_env(weights_log: Path | None = None) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "RAY_DEDUP_LOGS": "0",
+        # Ray's memory monitor kills its own workers when the *host* passes 95% memory, whoever
+        # uses it: on a shared CPU machine that ends training for other programs' memory. The
+        # kernel's OOM killer still acts on a real shortage.
+        "RAY_memory_monitor_refresh_ms": "0",
     }
     if weights_log is not None:
         env[WEIGHTS_LOG_ENV] = str(weights_log)
