@@ -47,8 +47,12 @@ def wait_for(predicate, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def family_pids(base: Path) -> tuple[int, int]:
-    assert wait_for(lambda: base.with_suffix(".child").is_file() and base.with_suffix(".grandchild").is_file()), "child never started"
+def family_pids(base: Path, proc: subprocess.Popen | None = None) -> tuple[int, int]:
+    """The pids the family wrote; fails at once (with its output) if ``proc`` exits before that."""
+    started = lambda: base.with_suffix(".child").is_file() and base.with_suffix(".grandchild").is_file()  # noqa: E731
+    if not wait_for(lambda: started() or (proc is not None and proc.poll() is not None)) or not started():
+        output = proc.communicate(timeout=10) if proc is not None and proc.poll() is not None else ""
+        raise AssertionError(f"child never started; {output}")
     time.sleep(0.2)  # the files are written; let the shell reach its `sleep`
     return int(base.with_suffix(".child").read_text()), int(base.with_suffix(".grandchild").read_text())
 
@@ -129,11 +133,13 @@ def test_ctrl_c_to_sap_stops_its_framework_child(tmp_path: Path):
         "ppo.train_limit=8",
         "ppo.train_batch_size=4",
         "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=1",  # the preflight checks the GPU run's batch arithmetic
+        "ppo.agent_workers=1",
     ]
     cmd = [sys.executable, "-m", "sap", "train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        child, grandchild = family_pids(base)
+        child, grandchild = family_pids(base, proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
