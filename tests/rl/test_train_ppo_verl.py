@@ -157,6 +157,7 @@ def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model
         "ppo.ppo_mini_batch_size=4",
         "ppo.ppo_micro_batch_size_per_gpu=2",
         "ppo.n_gpus_per_node=1",
+        "ppo.agent_workers=1",  # the preflight: 4 rollouts must split over the agent workers
     ]  # environments.rl_python left at its default, .venv-rl/bin/python
     assert not (elsewhere / ".venv-rl").exists()
     done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)], cwd=elsewhere)
