@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sap.agent import protocol
@@ -68,6 +68,15 @@ class AgentSettings:
     loop: protocol.LoopRules = "sap"
     """Turn rules: ``sap`` or ``paper`` (the paper's ``infer.py``; ``max_turns`` then counts
     generations)."""
+
+    @classmethod
+    def from_section(cls, section: Any, topk: int, prompt_template: str, **fixed: Any) -> AgentSettings:
+        """The settings a config section (``eval``, ``collect``) gives: every field the section
+        has under the same name, the retriever's ``topk`` and the prompt; ``fixed`` wins (e.g. a
+        ``loop`` resolved from ``protocol``)."""
+        names = {f.name for f in fields(cls)} - {"topk", "prompt_template"}
+        given = {n: getattr(section, n) for n in names if hasattr(section, n)}
+        return cls(**{**given, "topk": topk, "prompt_template": prompt_template, **fixed})
 
 
 @dataclass

@@ -91,17 +91,7 @@ def run_collect(
 
 
 def agent_settings(cfg: ExperimentConfig) -> AgentSettings:
-    c = cfg.collect
-    return AgentSettings(
-        max_turns=c.max_turns,
-        max_new_tokens=c.max_new_tokens,
-        temperature=c.temperature,
-        top_p=c.top_p,
-        topk=cfg.retriever.topk,
-        max_in_flight=c.max_in_flight,
-        seed=c.seed,
-        prompt_template=cfg.prompt_template,
-    )
+    return AgentSettings.from_section(cfg.collect, cfg.retriever.topk, cfg.prompt_template)
 
 
 def teacher_name(cfg: ExperimentConfig) -> dict[str, str]:

@@ -72,20 +72,7 @@ def load_questions(
 
 
 def agent_settings(cfg: ExperimentConfig) -> AgentSettings:
-    e = cfg.eval
-    return AgentSettings(
-        max_turns=e.max_turns,
-        max_new_tokens=e.max_new_tokens,
-        temperature=e.temperature,
-        top_p=e.top_p,
-        topk=cfg.retriever.topk,
-        max_in_flight=e.max_in_flight,
-        use_stop_strings=e.use_stop_strings,
-        min_turn_tokens=e.min_turn_tokens,
-        seed=e.seed,
-        prompt_template=cfg.prompt_template,
-        loop=cfg.eval_loop,
-    )
+    return AgentSettings.from_section(cfg.eval, cfg.retriever.topk, cfg.prompt_template, loop=cfg.eval_loop)
 
 
 def group_model(cfg: ExperimentConfig, group: str) -> str:
