@@ -13,8 +13,6 @@ them, so 21M passages open in milliseconds and a lookup is two slices.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +23,7 @@ import numpy as np
 
 from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.errors import SapError
+from sap.rules.records import iter_jsonl
 
 
 class CorpusError(SapError, ValueError):
@@ -46,47 +45,34 @@ def contents_of(title: str, text: str) -> str:
     return f'"{title}"\n{text}'
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
-
-
 def read_passages(path: str | os.PathLike[str], limit: int | None = None) -> Iterator[Passage]:
     """Passages of a JSONL corpus in either layout. Raises :class:`CorpusError` naming the
     file, line and field of the first bad record."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: corpus file not found")
-    n = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and n >= limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            pid = rec.get("id", rec.get("_id"))
-            if pid is None:
-                pid = str(n)
-            if "contents" in rec:
-                contents = rec["contents"]
-                if not isinstance(contents, str):
-                    raise CorpusError(f"{path}:{lineno}: field 'contents' must be a string")
-            elif "text" in rec:
-                title, text = rec.get("title", ""), rec["text"]
-                if not isinstance(text, str) or not isinstance(title, str):
-                    raise CorpusError(f"{path}:{lineno}: fields 'title' and 'text' must be strings")
-                contents = contents_of(title, text)
-            else:
-                raise CorpusError(f"{path}:{lineno}: missing field 'contents' (or 'title' and 'text')")
-            n += 1
-            yield Passage(str(pid), contents)
+    if limit == 0:
+        return
+    for n, (where, rec) in enumerate(iter_jsonl(path, CorpusError), start=1):
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        pid = rec.get("id", rec.get("_id"))
+        if pid is None:
+            pid = str(n - 1)
+        if "contents" in rec:
+            contents = rec["contents"]
+            if not isinstance(contents, str):
+                raise CorpusError(f"{where}: field 'contents' must be a string")
+        elif "text" in rec:
+            title, text = rec.get("title", ""), rec["text"]
+            if not isinstance(text, str) or not isinstance(title, str):
+                raise CorpusError(f"{where}: fields 'title' and 'text' must be strings")
+            contents = contents_of(title, text)
+        else:
+            raise CorpusError(f"{where}: missing field 'contents' (or 'title' and 'text')")
+        yield Passage(str(pid), contents)
+        if limit is not None and n >= limit:
+            return
 
 
 # --- the oracle corpus ---------------------------------------------------------------------
@@ -105,16 +91,12 @@ def read_oracle(path: str | os.PathLike[str]) -> list[OracleQuestion]:
     if not path.is_file():
         raise CorpusError(f"{path}: oracle file not found")
     out = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ctx = rec["ctxs"][0]
-                out.append(OracleQuestion(rec["question"], list(rec["answers"]), contents_of(ctx["title"], ctx["text"])))
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                raise CorpusError(f"{path}:{lineno}: not an oracle record with question, answers and ctxs[0].title/text ({e!r})") from None
+    for where, rec in iter_jsonl(path, CorpusError):
+        try:
+            ctx = rec["ctxs"][0]
+            out.append(OracleQuestion(rec["question"], list(rec["answers"]), contents_of(ctx["title"], ctx["text"])))
+        except (KeyError, IndexError, TypeError) as e:
+            raise CorpusError(f"{where}: not an oracle record with question, answers and ctxs[0].title/text ({e!r})") from None
     return out
 
 

@@ -23,7 +23,6 @@ and the field. Stages re-raise them as their own error types.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.errors import SapError
+from sap.rules.records import iter_jsonl
 
 QUESTION_FIELD = "question"
 ANSWER_FIELDS: tuple[str, ...] = ("golden_answers", "answer", "answers", "ground_truth")
@@ -148,19 +148,12 @@ def read_questions(
             df = df.iloc[:limit]
         for i, rec in enumerate(df.to_dict("records")):
             out.append(parse_record(rec, f"{path}: row {i}", i, question_field, answer_fields))
-    else:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(out) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise QuestionFileError(f"{where}: not valid JSON: {e.msg}") from None
-                out.append(parse_record(rec, where, len(out), question_field, answer_fields))
+    elif limit != 0:
+        # stop at the limit before reading the next line: records after it are not parsed
+        for where, rec in iter_jsonl(path, QuestionFileError):
+            out.append(parse_record(rec, str(where), len(out), question_field, answer_fields))
+            if limit is not None and len(out) >= limit:
+                break
     if not out and limit != 0:
         raise QuestionFileError(f"{path}: no questions")
     return out

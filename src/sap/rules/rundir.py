@@ -91,3 +91,19 @@ def record_run(cfg: ExperimentConfig, stage: str, argv: list[str] | None = None)
     )
     atomic_write_json(manifest_path, manifest)
     return run_dir
+
+
+def read_settings(path: str | Path) -> dict | None:
+    """The settings a resumable stage recorded in ``path`` (``settings.json``), or None when
+    there are none (never written, or cut short before the rename made it whole)."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def settings_changed(old: dict, now: dict) -> list[str]:
+    """The top-level keys whose values differ between two settings records, sorted."""
+    return sorted(k for k in now.keys() | old.keys() if now.get(k) != old.get(k))

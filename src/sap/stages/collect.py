@@ -37,6 +37,7 @@ from sap.rules.atomic import JsonlAppender, atomic_write_json, atomic_write_text
 from sap.rules.config import CollectFiltersConfig, ExperimentConfig
 from sap.rules.errors import RunFailed, SapError
 from sap.rules.questions import Question, QuestionFileError, read_questions
+from sap.rules.rundir import read_settings, settings_changed
 from sap.rules.scoring import f1
 from sap.rules.tags import ANSWER, SEARCH, parse, validate, without_invalid_messages
 from sap.stages.prepare_sft import rejected_phrase
@@ -122,13 +123,8 @@ def settings_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     path = out_dir / SETTINGS
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return
-    diff = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
+    old = read_settings(path)
+    diff = settings_changed(old, fingerprint) if old is not None else []
     if diff:
         raise CollectError(
             f"{out_dir}: earlier samples were collected with different settings ({', '.join(diff)}; see {path}); "

@@ -40,6 +40,7 @@ from sap.rules.atomic import JsonlAppender, atomic_write_json, read_jsonl
 from sap.rules.config import EvalConfig, ExperimentConfig
 from sap.rules.errors import Interrupted, SapError
 from sap.rules.questions import ANSWER_FIELDS, QUESTION_FIELD, Question, QuestionFileError, read_questions
+from sap.rules.rundir import read_settings, settings_changed
 from sap.rules.scoring import METRICS, aggregate, paper_aggregate, paper_score, score
 
 PREDICTIONS = "predictions.jsonl"
@@ -143,18 +144,14 @@ def compute_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _check_settings(group_dir: Path, fingerprint: dict[str, Any]) -> None:
-    path = group_dir / SETTINGS_FILE
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    old = read_settings(group_dir / SETTINGS_FILE)
+    if old is None:
         return
     if isinstance(old.get("agent"), dict):  # written before eval.loop existed: the sap loop
         old["agent"].setdefault("loop", "sap")
     if "model_files" not in old:  # written before sap recorded the model's files: cannot tell
         old = old | {"model_files": fingerprint.get("model_files")}
-    diff = sorted(k for k in fingerprint.keys() | old.keys() if fingerprint.get(k) != old.get(k))
+    diff = settings_changed(old, fingerprint)
     if not diff:
         return
     if diff == ["model_files"]:  # same folder, other files: retrained (or replaced) in place

@@ -37,6 +37,7 @@ from sap.rules.atomic import atomic_write_json, atomic_write_text
 from sap.rules.config import ExperimentConfig, PrepareSFTConfig
 from sap.rules.errors import RunFailed, SapError
 from sap.rules.prompts import AFM_SEARCHR1_INSTRUCTION, build_prompt
+from sap.rules.records import read_records
 from sap.rules.scoring import f1
 from sap.rules.tags import (
     ANSWER,
@@ -170,26 +171,6 @@ def paper_samples(system: str, user_input: str, output: str) -> list[dict[str, s
     return samples
 
 
-def _raw_records(path: Path) -> list[tuple[Where, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((Where(str(path), line=lineno), json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PrepareError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(data, list):
-        raise PrepareError(f"{path}: the paper's layout reads a JSON list of Alpaca records (instruction, input, output)")
-    return [(Where(str(path), index=i), r) for i, r in enumerate(data)]
-
-
 def prepare_paper(inputs: Iterable[str | Path], cfg: PrepareSFTConfig, progress: bool = False) -> PrepareResult:
     """The paper's layout, byte for byte (module docstring). Filters are sap's and refused here."""
     used = [
@@ -208,7 +189,12 @@ def prepare_paper(inputs: Iterable[str | Path], cfg: PrepareSFTConfig, progress:
         )
     result = PrepareResult(layout="paper")
     for path in expand_inputs(inputs):
-        records = _raw_records(path)
+        records = read_records(
+            path,
+            PrepareError,
+            layout="suffix",
+            list_hint="the paper's layout reads a JSON list of Alpaca records (instruction, input, output)",
+        )
         afm = any(isinstance(r, dict) and isinstance(r.get("output"), str) and has_afm_tags(r["output"]) for _, r in records)
         if afm:
             result.afm_files.append(str(path))

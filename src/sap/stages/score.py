@@ -18,6 +18,7 @@ from typing import Any
 
 from sap.rules.errors import SapError
 from sap.rules.questions import ANSWER_FIELDS, find_gold_answers
+from sap.rules.records import read_records
 from sap.rules.scoring import METRIC_SETS, Scores, aggregate, paper_aggregate, paper_record, paper_score, score
 from sap.rules.tags import extract_answer
 
@@ -53,58 +54,20 @@ def _prediction(record: dict[str, Any], where: str) -> str:
 
 def load_predictions(path: str | Path) -> list[tuple[str, list[str]]]:
     """(prediction, gold answers) pairs of a predictions file; errors name file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    records: list[tuple[str, Any]] = []
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PredictionsError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PredictionsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
     pairs = []
-    for where, r in records:
+    for where, r in read_records(path, PredictionsError, layout="auto"):
         if not isinstance(r, dict):
             raise PredictionsError(f"{where}: record is not an object")
-        pairs.append((_prediction(r, where), _gold(r, where)))
+        pairs.append((_prediction(r, str(where)), _gold(r, str(where))))
     return pairs
 
 
 def load_paper_records(path: str | Path) -> list[tuple[str, list[str]]]:
     """(prediction, gold answers) of each record, read as ``compute_metrics.py`` reads them:
     the file holds one JSON list (a ``.jsonl`` file: one record per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise PredictionsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PredictionsError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise PredictionsError(f"{path}: the prediction JSON must contain a list of records (the paper's infer.py output)")
-        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    hint = "the prediction JSON must contain a list of records (the paper's infer.py output)"
     pairs = []
-    for where, r in records:
+    for where, r in read_records(path, PredictionsError, layout="suffix", list_hint=hint):
         try:
             pairs.append(paper_record(r))
         except ValueError as e:

@@ -23,29 +23,8 @@ from typing import Any
 
 from sap.rules.errors import SapError
 from sap.rules.questions import find_gold_answers
+from sap.rules.records import Where
 from sap.rules.tags import INFORMATION
-
-
-@dataclass(frozen=True)
-class Where:
-    file: str
-    line: int | None = None
-    index: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"file": self.file}
-        if self.line is not None:
-            d["line"] = self.line
-        if self.index is not None:
-            d["index"] = self.index
-        return d
-
-    def __str__(self) -> str:
-        if self.line is not None:
-            return f"{self.file}:{self.line}"
-        if self.index is not None:
-            return f"{self.file}[{self.index}]"
-        return self.file
 
 
 @dataclass(frozen=True)
