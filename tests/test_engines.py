@@ -44,9 +44,16 @@ def test_hf_engine_stops_caps_and_batches(tiny_model):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model):
-    engine = build_engine("vllm", str(tiny_model), EvalConfig(enforce_eager=True, max_model_len=4096, max_in_flight=16))
+    cfg = EvalConfig(enforce_eager=True, max_model_len=4096, max_in_flight=16, cpu_kv_cache_gib=2)
+    engine = build_engine("vllm", str(tiny_model), cfg)
     yield engine
     engine.close()
+
+
+@pytest.mark.slow
+def test_vllm_kv_cache_follows_the_config(vllm_engine):
+    # eval.cpu_kv_cache_gib reaches vLLM's engine process (VLLM_CPU_KVCACHE_SPACE), not the default 1 GiB
+    assert vllm_engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2 * 2**30
 
 
 @pytest.mark.slow

@@ -574,6 +574,10 @@ class EvalConfig(_Section):
     """Model weights dtype (auto, bfloat16, float16, float32)."""
     enforce_eager: bool = False
     """vLLM: no CUDA graphs (set true on CPU)."""
+    cpu_kv_cache_gib: int | None = Field(None, ge=1)
+    """vLLM on CPU: KV cache in GiB (vLLM's ``VLLM_CPU_KVCACHE_SPACE``). It bounds how many
+    questions decode at once: size it to ``max_in_flight`` x the tokens of an episode (vLLM logs
+    the cache in tokens). None: the environment variable, else 1 GiB. Ignored on GPUs."""
     vllm: dict[str, Any] = {}
     """Further ``vllm.LLM`` keyword arguments, passed through."""
     question_field: str = "question"

@@ -172,7 +172,9 @@ def train_sft(
 
     # 3. train (supervised by sap.envs), following trainer_log.jsonl
     train_log = paths.sft_dir / TRAIN_LOG
-    echo(f"training LoRA on {checked.n_samples} samples with LLaMA-Factory {env.versions['llamafactory']} (log: {train_log})")
+    used = min(checked.n_samples, int(args["max_samples"])) if args.get("max_samples") else checked.n_samples
+    of = f"{used} of the {checked.n_samples} samples (sft.llamafactory.max_samples)" if used < checked.n_samples else f"{used} samples"
+    echo(f"training LoRA on {of} with LLaMA-Factory {env.versions['llamafactory']} (log: {train_log})")
     log_file = paths.adapter / TRAINER_LOG
     follower = Follower(log_file, log_file.stat().st_size if resume_from is not None and log_file.is_file() else 0, progress)
     try:
@@ -196,7 +198,7 @@ def train_sft(
         merged_dir = merge_adapter(args, paths, env, child_env)
         merge_wall = time.time() - t0
 
-    summary = build_summary(cfg, args, paths, env, follower.state, checked.n_samples, resume_from, merged_dir, done.wall_s, merge_wall)
+    summary = build_summary(cfg, args, paths, env, follower.state, (used, checked.n_samples), resume_from, merged_dir, done.wall_s, merge_wall)
     atomic_write_json(paths.summary, summary)
     return SFTResult(summary, paths)
 
@@ -237,7 +239,7 @@ def build_summary(
     paths: SFTPaths,
     env: SFTEnvironment,
     state: TrainProgress,
-    n_samples: int,
+    n_samples: tuple[int, int],
     resume_from: Path | None,
     merged_dir: Path | None,
     train_wall: float,
@@ -254,7 +256,8 @@ def build_summary(
     return {
         "experiment": cfg.experiment,
         "base_model": args["model_name_or_path"],
-        "samples": n_samples,
+        "samples": n_samples[0],  # what training read (max_samples applied)
+        "samples_in_data": n_samples[1],
         "steps": full.step or state.step,
         "total_steps": full.total_steps or state.total_steps,
         "first_loss": losses[0][1] if losses else None,

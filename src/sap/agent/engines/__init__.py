@@ -32,6 +32,7 @@ def build_engine(name: str, model_path: str, cfg: EvalConfig) -> Engine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,
             max_num_seqs=cfg.max_in_flight,
+            cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
             options=cfg.vllm,
         )
     raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")

