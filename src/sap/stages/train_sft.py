@@ -198,7 +198,9 @@ def train_sft(
         merged_dir = merge_adapter(args, paths, env, child_env)
         merge_wall = time.time() - t0
 
-    summary = build_summary(cfg, args, paths, env, follower.state, (used, checked.n_samples), resume_from, merged_dir, done.wall_s, merge_wall)
+    summary = build_summary(
+        cfg, args, paths, env, follower.state, (used, checked.n_samples), resume_from, merged_dir, done.wall_s, merge_wall
+    )
     atomic_write_json(paths.summary, summary)
     return SFTResult(summary, paths)
 
