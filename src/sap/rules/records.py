@@ -1,9 +1,11 @@
 """Reading record files: JSONL, or one JSON list, with errors that name the file and the line.
 
-Every reader of user files in sap (questions, predictions, the paper's SFT layout, the
-retriever's corpus) goes through here, so a bad line reads the same everywhere:
+The readers that stop at the first bad record (questions, predictions, the paper's SFT layout,
+the retriever's corpus) go through here, so a bad line reads the same everywhere:
 ``data/x.jsonl:12: not valid JSON: Expecting value``. Each caller passes its own error class
 (a :class:`~sap.rules.errors.SapError`), so the command that failed still names itself.
+prepare-sft's trajectory reader (:mod:`sap.stages.trajectory_io`) records a bad line as a
+rejection and goes on, so it parses lines itself, with the same :class:`Where`.
 
 Layouts:
 
