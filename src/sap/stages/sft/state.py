@@ -24,11 +24,9 @@ _NOT_FINGERPRINTED = {
 
 def fingerprint(args: dict[str, Any], data_file: Path) -> dict[str, Any]:
     """What identifies a run: the training arguments that change the result, and the data's hash."""
-    h = hashlib.sha256()
     with data_file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"args": {k: v for k, v in sorted(args.items()) if k not in _NOT_FINGERPRINTED}, "data_sha256": h.hexdigest()}
+        data_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"args": {k: v for k, v in sorted(args.items()) if k not in _NOT_FINGERPRINTED}, "data_sha256": data_sha256}
 
 
 def last_checkpoint(adapter_dir: Path) -> Path | None:
