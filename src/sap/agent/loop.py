@@ -164,12 +164,17 @@ def prompt_text(tokenizer, question: str, template: str = "searchr1") -> str:
     return tokenizer.apply_chat_template(chat_messages(question, template), add_generation_prompt=True, tokenize=False)
 
 
-def prompt_ids(tokenizer, question: str, template: str = "searchr1") -> list[int]:
-    """The Search-R1 prompt in the model's chat template, ready for the assistant's turn."""
-    ids = tokenizer.apply_chat_template(chat_messages(question, template), add_generation_prompt=True, tokenize=True)
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """``messages`` in the model's chat template as token ids, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def prompt_ids(tokenizer, question: str, template: str = "searchr1") -> list[int]:
+    """The Search-R1 prompt in the model's chat template, ready for the assistant's turn."""
+    return chat_ids(tokenizer, chat_messages(question, template))
 
 
 class SearchAgent:

@@ -13,8 +13,8 @@ on another (e.g. the ``qwen`` template adds Qwen's system prompt to a SmolLM2 mo
 - the eval side runs here, with the tokenizer's ``apply_chat_template`` as eval and VeRL call it.
 
 It raises :class:`TemplateMismatch` naming both renderings when the tokens differ.
-``python -m sap.models.template_check`` is the SFT-environment half (it imports only LLaMA-Factory
-and the standard library there).
+``python -m sap.models.template_check`` is the SFT-environment half (it imports LLaMA-Factory,
+the standard library and ``sap.rules`` there).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sap.rules.errors import SapError
+from sap.rules.records import read_records
 
 AUTO = "auto"
 #: LLaMA-Factory arguments that change how a sample is templated (passed to the SFT-side half).
@@ -94,7 +95,7 @@ def render_llamafactory(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     attr = get_dataset_list([dataset], dataset_dir)[0]
     data_file = Path(dataset_dir) / attr.dataset_name
-    records = _read_records(data_file)
+    records = [r for _, r in read_records(data_file, ValueError)]
     if not records:
         raise SystemExit(f"{data_file}: no samples")
     example = records[min(index, len(records) - 1)]
@@ -115,13 +116,6 @@ def render_llamafactory(
     }
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 # --- the eval side and the comparison ------------------------------------------------------
 
 
@@ -130,23 +124,16 @@ def render_eval(model: str | Path, user_content: str) -> Rendering:
     over one user turn, generation prompt added (``sap.agent.loop.prompt_ids``)."""
     from transformers import AutoTokenizer
 
-    from sap.agent.loop import prompt_ids
+    from sap.agent.loop import chat_ids, prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     if not tokenizer.chat_template:
         raise TemplateMismatch(
             f"{model}: the tokenizer has no chat template; eval and VeRL need one (tokenizer_config.json or chat_template.jinja)"
         )
-    # prompt_ids builds the user turn from a question; render the sample's own user text the same way.
-    ids = _apply_user_turn(tokenizer, user_content) if user_content else prompt_ids(tokenizer, "")
+    # prompt_ids builds the user turn from a question; the sample carries its user text already
+    ids = chat_ids(tokenizer, [{"role": "user", "content": user_content}]) if user_content else prompt_ids(tokenizer, "")
     return Rendering(ids, tokenizer.decode(ids, skip_special_tokens=False))
-
-
-def _apply_user_turn(tokenizer, content: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def check_chat_template(
