@@ -199,3 +199,11 @@ def test_doctor_runs_every_registered_check(tmp_path: Path):
     report = d.doctor(load_config(None, [f"environments.sft_python={tmp_path}/x", f"environments.rl_python={tmp_path}/y"]), [extra])
     assert seen == [["core", "rl", "sft"]] and report.checks == [d.Check("extra", "ok", "from an added check")]
     assert "extra: from an added check" in d.render(report) and json.dumps(report.findings.missing)
+
+
+def test_a_childs_json_result_is_its_last_stdout_line():
+    done = envs.run([sys.executable, "-c", "print('loading'); print('{\"ok\": 1}')"], timeout_s=60)
+    assert done.result() == {"ok": 1}
+    silent = envs.run([sys.executable, "-c", "print('no json here')"], timeout_s=60)
+    with pytest.raises(RunFailed, match=r"printed no JSON result \(exit 0\):\nno json here"):
+        silent.result()

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sap.rules.errors import RunFailed, SapError
 
@@ -127,8 +128,8 @@ def probe(python: str | Path, timeout_s: float = 180) -> Environment:
     python = Path(python)
     try:
         done = run([str(python), "-m", "sap.envs_probe"], timeout_s=timeout_s, check=False, what="environment probe")
-        info = json.loads(done.stdout.strip().splitlines()[-1])
-    except (SapError, OSError, json.JSONDecodeError, IndexError) as e:
+        info = done.result()
+    except (SapError, OSError) as e:
         raise EnvironmentMissing(f"the environment of {python} does not run sap's probe ({e}); recreate it") from None
     if done.returncode != 0:
         raise EnvironmentMissing(f"the environment of {python} does not run sap's probe (exit {done.returncode}):\n{done.tail(10)}")
@@ -178,6 +179,19 @@ class Completed:
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.last_lines[-n:])
+
+    def result(self) -> dict[str, Any]:
+        """The JSON object on the child's last stdout line: how sap's ``python -m …`` helpers
+        (probes, the template check, CPU rollouts) answer. Raises :class:`RunFailed` naming the
+        command and its last lines when there is none."""
+        lines = self.stdout.strip().splitlines()
+        try:
+            value = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise RunFailed(f"{shlex.join(map(str, self.command))} printed no JSON result (exit {self.returncode}):\n{self.tail(10)}")
+        return value
 
 
 def descendants(pid: int) -> list[int]:

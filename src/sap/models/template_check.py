@@ -172,7 +172,7 @@ def check_chat_template(
                 f"LLaMA-Factory could not render sample {sample} of {dataset_dir} with template {args.get('template', AUTO)!r} "
                 f"(model.chat_template): {e}"
             ) from None
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = done.result()
     sft = Rendering(out["ids"], out["text"])
     evaluated = render_eval(model, out["user_content"])
     result = TemplateCheck(out["template"], sample, out["user_content"], sft, evaluated)

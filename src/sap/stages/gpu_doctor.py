@@ -7,12 +7,11 @@ they cannot check (``unknown``) instead of failing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from sap import envs, gpu_node
-from sap.rules.errors import SapError
+from sap.rules.errors import RunFailed, SapError
 from sap.stages import ppo_preflight as pf
 from sap.stages.doctor import Check, CheckFn, Findings
 
@@ -36,9 +35,9 @@ def check_gpu_stack(f: Findings) -> Iterable[Check]:
         [str(env.python), "-m", "sap.rl.gpu_probe"], env=envs.child_env(env.python), timeout_s=600, check=False, what="GPU stack probe"
     )
     try:
-        probe = json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        yield Check("GPU stack (vLLM, flash-attn)", "fail", f"the probe printed no result (exit {done.returncode}): {done.tail(5)}")
+        probe = done.result()
+    except RunFailed as e:
+        yield Check("GPU stack (vLLM, flash-attn)", "fail", str(e))
         return
     errors = probe.get("errors", {})
     yield Check("vLLM imports", "fail" if "vllm" in errors else "ok", errors.get("vllm") or f"vLLM {probe.get('vllm')}")

@@ -485,7 +485,7 @@ def cpu_rollouts(python: str, overrides_file: Path, n: int, out: Path, timeout_s
         timeout_s=timeout_s,
         what="CPU rollouts",
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.result()
 
 
 def resolve_device(cfg: ExperimentConfig, python: str, dry_run: bool = False) -> str:
