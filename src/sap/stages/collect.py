@@ -338,10 +338,12 @@ def collect(
             bar.close()
         usage = getattr(engine, "usage", None)
         run["endpoint"] = usage.as_dict() if usage is not None else None
-        if own_engine:
-            engine.close()
-        done = _read_done(samples_path)  # also after Ctrl-C (even between a write and its count): outputs match the log
-        report = _finish(cfg, out, planned, done, teacher, run)
+        try:
+            done = _read_done(samples_path)  # also after Ctrl-C (even between a write and its count): outputs match the log
+            report = _finish(cfg, out, planned, done, teacher, run)
+        finally:
+            if own_engine:  # after the outputs: nothing in the engine's shutdown can lose them
+                engine.close()
     guard.check(retriever.base_url, f"The {len(done)} finished samples are kept in {samples_path}.")
     if teacher_failed > c.teacher.max_failure_rate * max(run["new_samples"], TEACHER_MIN_SAMPLES):
         raise RunFailed(

@@ -312,15 +312,25 @@ class OpenAIChatEngine:
         """Cancel requests still in flight (after Ctrl-C), close the connections and the loop."""
         if self._loop.is_closed():
             return
-        pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        if self._client is not None:
-            self._loop.run_until_complete(self._client.aclose())
+        try:
+            for _ in range(3):  # bounded: each round cancels what is left
+                pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+                if not pending:
+                    break
+                for task in pending:
+                    task.cancel()
+                try:
+                    self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                except (KeyboardInterrupt, SystemExit):
+                    # A Ctrl-C that landed inside a request's own code (not in the wait for the
+                    # network) is re-raised by the task awaiting it; the caller is already handling
+                    # that interruption, and its outputs are still to be written.
+                    continue
+            if self._client is not None:
+                self._loop.run_until_complete(self._client.aclose())
+        finally:
             self._client = None
-        self._loop.close()
+            self._loop.close()
 
 
 def _failed(error: str) -> Generation:
