@@ -4,6 +4,7 @@ real launch on a machine without a CUDA GPU."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sap.rules.prompts import build_prompt
+from sap.rules.prompts import build_prompt, normalize_question
 from sap.stages import train_ppo as stage
 
 from .conftest import QUESTIONS, small_config, write_questions
@@ -165,3 +166,38 @@ def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model
     command = (tmp_path / "runs" / "default" / "ppo" / "command.txt").read_text()
     assert str(REPO / ".venv-rl" / "bin" / "python") in command
     assert (tmp_path / "runs" / "default" / "ppo" / "validate.log").read_text().startswith("$ ")
+
+
+@pytest.mark.slow
+def test_dry_run_rollouts_play_questions_through_verls_worker(tmp_path: Path, searching_model: Path, core_retriever_url: str):
+    """``--dry-run --rollouts 2``: VeRL's agent-loop worker plays two training questions with sap's
+    loop and the real retriever on CPU; each trajectory has its searches, its masked
+    ``<information>`` tokens and the reward VeRL would load."""
+    questions = write_questions(tmp_path / "q.jsonl")
+    sets = [
+        f"run_root={tmp_path / 'runs'}",
+        "experiment=rollouts",
+        f"model.path={searching_model}",
+        f"retriever.url={core_retriever_url}",
+        f"ppo.train_data={questions}",
+        f"ppo.val_data={questions}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=1",
+        "ppo.agent_workers=1",
+        "ppo.max_prompt_length=512",
+        "ppo.temperature=0.01",  # all but greedy: the taught search comes out as taught
+    ]
+    done = sap_cli("train-ppo", "--dry-run", "--rollouts", "2", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "runs" / "rollouts" / "ppo" / "cpu_rollouts.jsonl"
+    assert "rollouts: 2 trajectories" in done.stdout and str(out) in done.stdout
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["question"] for r in rows] == [normalize_question(q["question"]) for q in QUESTIONS[:2]]
+    for row, q in zip(rows, QUESTIONS, strict=False):
+        assert row["golden_answers"] == q["answer"]
+        assert row["response"].startswith(f"<search> {q['question']} </search>")  # what the model was taught
+        assert "<information>" in row["response"] and row["observation_tokens"] > 0 and row["generated_tokens"] > 0
+        assert set(row["reward"]) >= {"score"} and 0.0 <= row["reward"]["score"] <= 1.0
+        assert row["sap_searches"] >= 1
