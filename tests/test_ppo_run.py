@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sap.rules.prompts import INVALID_ACTION_MESSAGE, build_prompt, information_block
 from sap.stages import ppo_run
 
@@ -67,6 +69,32 @@ def test_a_step_waits_for_its_rollouts_and_a_resume_drops_later_steps(tmp_path: 
     ppo_run.StepWriter(ppo, resumed_from=1)  # a rerun resuming from checkpoint 1 trains step 2 again
     assert [json.loads(x)["step"] for x in (ppo / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (ppo / "verl_metrics.jsonl").exists()
+
+
+def test_a_ctrl_c_while_a_step_is_written_leaves_one_row_per_step(tmp_path: Path, monkeypatch):
+    """Seen once in CI: the Ctrl-C landed in the slow part of writing step 1 (TensorBoard's first
+    import), after its row was appended; the final poll in the ``finally`` wrote step 1 again."""
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    writer = ppo_run.StepWriter(ppo, resumed_from=0)
+    _verl_step(ppo, 1, [SEARCHED], 1.0)
+
+    def interrupted(step, values):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_tensorboard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.poll()
+    monkeypatch.undo()
+    assert writer.poll(final=True) == []
+    writer.close()
+    assert [json.loads(x)["step"] for x in (ppo / "metrics.jsonl").read_text().splitlines()] == [1]
+    # and a file that has a step twice anyway (a Ctrl-C between the write and its count) is mended
+    with (ppo / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 1, "late": True}) + "\n")
+    ppo_run.StepWriter(ppo, resumed_from=1)
+    rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and "late" not in rows[0]
 
 
 def test_report_section_shows_steps_and_the_reward_curve(tmp_path: Path):

@@ -167,10 +167,10 @@ class StepWriter:
             row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in rec["data"].items()}, **sap_means}
             with JsonlAppender(self.metrics) as sink:
                 sink.write(row)
-            self._tensorboard(step, sap_means)
-            self.done.add(step)
+            self.done.add(step)  # at once: a Ctrl-C in the slow work below must not write this step again
             self.rows.append(row)
             written.append(row)
+            self._tensorboard(step, sap_means)
         self._pending = waiting
         return written
 
@@ -189,15 +189,24 @@ class StepWriter:
             self._tb_dir = None
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            if self._tb is not None:
+                self._tb.close()
+        finally:
+            _truncate_after(self.metrics, None)  # one row per step, even if a Ctrl-C split a write from its count
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop rows of steps after ``step`` (a resumed run trains them again)."""
+def _truncate_after(path: Path, step: int | None) -> None:
+    """Keep one row per step (the first) and drop rows of steps after ``step`` (a resumed run
+    trains them again; ``None`` keeps every step)."""
     if not path.is_file():
         return
-    rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+    rows, seen = [], set()
+    for r in read_jsonl(path):
+        n = int(r.get("step", 0))
+        if (step is None or n <= step) and n not in seen:
+            seen.add(n)
+            rows.append(r)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
