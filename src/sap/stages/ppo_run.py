@@ -16,7 +16,7 @@ in ``ppo/train.log``, and while it runs turns VeRL's files into sap's outputs:
 - a progress bar: steps and the running mean reward.
 
 A rerun resumes from the last checkpoint (VeRL's ``resume_mode=auto``); rows of steps after it
-are dropped from ``metrics.jsonl`` first. Ctrl-C stops the trainer, Ray and every process they
+are dropped from ``metrics.jsonl`` first, which keeps one row per step (also after a Ctrl-C). Ctrl-C stops the trainer, Ray and every process they
 started (:func:`sap.envs.run`'s policy, SIGINT first so VeRL shuts Ray down). A run that prints nothing for ``ppo.stall_timeout_s``, or that Ray cannot schedule, is
 stopped with an error instead of hanging. Afterwards the last checkpoint is merged into
 ``ppo/merged/`` (``verl.model_merger``).
