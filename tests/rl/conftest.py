@@ -50,27 +50,35 @@ def write_questions(path: Path, rows: list[dict[str, Any]] = QUESTIONS) -> Path:
     return path
 
 
-def small_config(tmp_path: Path, model: Path, retriever_url: str, *overrides: str) -> ExperimentConfig:
-    """An experiment config sized for CPU tests (1 GPU, tiny batches and token budgets)."""
+def small_sets(tmp_path: Path, model: Path, retriever_url: str, *overrides: str) -> list[str]:
+    """``--set`` values of an experiment sized for CPU tests (1 GPU, tiny batches and token
+    budgets; the QUESTIONS written to ``tmp_path``; runs under ``tmp_path/runs/rl-test``)."""
     questions = write_questions(tmp_path / "questions.jsonl")
-    return load_config(
-        None,
-        [
-            f"run_root={tmp_path / 'runs'}",
-            "experiment=rl-test",
-            f"model.path={model}",
-            f"retriever.url={retriever_url}",
-            f"ppo.train_data={questions}",
-            f"ppo.val_data={questions}",
-            "ppo.train_batch_size=4",
-            "ppo.ppo_mini_batch_size=4",
-            "ppo.ppo_micro_batch_size_per_gpu=2",
-            "ppo.n_gpus_per_node=1",
-            "ppo.max_prompt_length=512",
-            "ppo.agent_workers=1",
-            *overrides,
-        ],
-    )
+    return [
+        f"run_root={tmp_path / 'runs'}",
+        "experiment=rl-test",
+        f"model.path={model}",
+        f"retriever.url={retriever_url}",
+        f"ppo.train_data={questions}",
+        f"ppo.val_data={questions}",
+        "ppo.train_batch_size=4",
+        "ppo.ppo_mini_batch_size=4",
+        "ppo.ppo_micro_batch_size_per_gpu=2",
+        "ppo.n_gpus_per_node=1",
+        "ppo.max_prompt_length=512",
+        "ppo.agent_workers=1",  # the preflight: 4 rollouts must split over the agent workers
+        *overrides,
+    ]
+
+
+def set_args(sets: list[str]) -> list[str]:
+    """``--set K=V`` for each value, for a ``sap`` command line."""
+    return [a for s in sets for a in ("--set", s)]
+
+
+def small_config(tmp_path: Path, model: Path, retriever_url: str, *overrides: str) -> ExperimentConfig:
+    """The experiment of :func:`small_sets`, loaded."""
+    return load_config(None, small_sets(tmp_path, model, retriever_url, *overrides))
 
 
 @pytest.fixture(scope="session")

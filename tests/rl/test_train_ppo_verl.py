@@ -16,7 +16,7 @@ import yaml
 from sap.rules.prompts import build_prompt, normalize_question
 from sap.stages import train_ppo as stage
 
-from .conftest import QUESTIONS, small_config, write_questions
+from .conftest import QUESTIONS, set_args, small_config, small_sets
 
 pytestmark = [pytest.mark.rl_env]
 
@@ -66,26 +66,20 @@ def test_parquet_loads_with_verl_rlhf_dataset(tmp_path: Path, tiny_model: Path):
     ],
 )
 def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path, name: str, sets: list[str], expect: dict):
-    questions = write_questions(tmp_path / "q.jsonl")
-    args = [
-        f"run_root={tmp_path / 'runs'}",
+    args = small_sets(
+        tmp_path,
+        tiny_model,
+        "http://127.0.0.1:9",  # nothing listens: --dry-run only warns
         f"experiment={name}",
-        f"model.path={tiny_model}",
-        "retriever.url=http://127.0.0.1:9",  # nothing listens: --dry-run only warns
-        f"ppo.train_data={questions}",
-        f"ppo.val_data={questions}",
-        "ppo.train_batch_size=4",
-        "ppo.ppo_mini_batch_size=4",
         "ppo.ppo_micro_batch_size_per_gpu=1",  # 4 prompts over 2x2 GPUs: 1 row per GPU
         "ppo.n_gpus_per_node=2",
         "ppo.nnodes=2",
         "ppo.agent_workers=4",
-        "ppo.max_prompt_length=512",
         "tracking.backend=tensorboard",
         f"environments.rl_python={sys.executable}",
         *sets,
-    ]
-    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in args for a in ("--set", s)])
+    )
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *set_args(args))
     assert done.returncode == 0, done.stderr
     assert "warning" in done.stderr and "/health" in done.stderr
     ppo = tmp_path / "runs" / name / "ppo"
@@ -117,27 +111,20 @@ def test_dry_run_composes_a_config_verl_accepts(tmp_path: Path, tiny_model: Path
 
 
 def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):
-    questions = write_questions(tmp_path / "q.jsonl")
-    sets = [
-        f"run_root={tmp_path / 'runs'}",
-        f"model.path={tiny_model}",
-        f"ppo.train_data={questions}",
-        f"ppo.val_data={questions}",
-        "ppo.train_batch_size=4",
-        "ppo.ppo_mini_batch_size=4",
-        "ppo.ppo_micro_batch_size_per_gpu=2",
-        "ppo.n_gpus_per_node=1",
-        "ppo.agent_workers=1",
+    sets = small_sets(
+        tmp_path,
+        tiny_model,
+        "http://127.0.0.1:9",
         "ppo.lora_rank=1024",  # above vLLM's largest LoRA rank (512)
         f"environments.rl_python={sys.executable}",
-    ]
-    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    )
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *set_args(sets))
     assert done.returncode == 2
     assert "VeRL rejected the configuration" in done.stderr and "lora_rank must be less than or equal to 512" in done.stderr
     assert "Traceback" not in done.stderr
     # 4 prompts over 3 GPUs: the preflight refuses it before VeRL is asked
     sets = [s for s in sets if not s.startswith(("ppo.n_gpus_per_node", "ppo.lora_rank"))] + ["ppo.n_gpus_per_node=3"]
-    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *set_args(sets))
     assert done.returncode == 2 and "preflight" in done.stderr and "not a whole number of rows per GPU" in done.stderr
     assert "VeRL rejected" not in done.stderr and "Traceback" not in done.stderr
 
@@ -145,27 +132,15 @@ def test_dry_run_reports_what_verl_rejects(tmp_path: Path, tiny_model: Path):
 def test_dry_run_works_from_another_working_directory(tmp_path: Path, tiny_model: Path):
     """The RL interpreter is found by sap.envs' one rule (the configured relative path against the
     sap checkout), not against the working directory: ``sap train-ppo`` runs from any folder."""
-    questions = write_questions(tmp_path / "q.jsonl")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    sets = [
-        f"run_root={tmp_path / 'runs'}",
-        f"model.path={tiny_model}",
-        "retriever.url=http://127.0.0.1:9",
-        f"ppo.train_data={questions}",
-        f"ppo.val_data={questions}",
-        "ppo.train_batch_size=4",
-        "ppo.ppo_mini_batch_size=4",
-        "ppo.ppo_micro_batch_size_per_gpu=2",
-        "ppo.n_gpus_per_node=1",
-        "ppo.agent_workers=1",  # the preflight: 4 rollouts must split over the agent workers
-    ]  # environments.rl_python left at its default, .venv-rl/bin/python
+    sets = small_sets(tmp_path, tiny_model, "http://127.0.0.1:9")  # environments.rl_python left at its default, .venv-rl/bin/python
     assert not (elsewhere / ".venv-rl").exists()
-    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *[a for s in sets for a in ("--set", s)], cwd=elsewhere)
+    done = sap_cli("train-ppo", "--dry-run", "--init", "base", *set_args(sets), cwd=elsewhere)
     assert done.returncode == 0, done.stderr
-    command = (tmp_path / "runs" / "default" / "ppo" / "command.txt").read_text()
+    command = (tmp_path / "runs" / "rl-test" / "ppo" / "command.txt").read_text()
     assert str(REPO / ".venv-rl" / "bin" / "python") in command
-    assert (tmp_path / "runs" / "default" / "ppo" / "validate.log").read_text().startswith("$ ")
+    assert (tmp_path / "runs" / "rl-test" / "ppo" / "validate.log").read_text().startswith("$ ")
 
 
 @pytest.mark.slow
@@ -173,25 +148,15 @@ def test_dry_run_rollouts_play_questions_through_verls_worker(tmp_path: Path, se
     """``--dry-run --rollouts 2``: VeRL's agent-loop worker plays two training questions with sap's
     loop and the real retriever on CPU; each trajectory has its searches, its masked
     ``<information>`` tokens and the reward VeRL would load."""
-    questions = write_questions(tmp_path / "q.jsonl")
-    sets = [
-        f"run_root={tmp_path / 'runs'}",
-        "experiment=rollouts",
-        f"model.path={searching_model}",
-        f"retriever.url={core_retriever_url}",
-        f"ppo.train_data={questions}",
-        f"ppo.val_data={questions}",
-        "ppo.train_batch_size=4",
-        "ppo.ppo_mini_batch_size=4",
-        "ppo.ppo_micro_batch_size_per_gpu=2",
-        "ppo.n_gpus_per_node=1",
-        "ppo.agent_workers=1",
-        "ppo.max_prompt_length=512",
+    sets = small_sets(
+        tmp_path,
+        searching_model,
+        core_retriever_url,
         "ppo.temperature=0.01",  # all but greedy: the taught search comes out as taught
-    ]
-    done = sap_cli("train-ppo", "--dry-run", "--rollouts", "2", "--init", "base", *[a for s in sets for a in ("--set", s)])
+    )
+    done = sap_cli("train-ppo", "--dry-run", "--rollouts", "2", "--init", "base", *set_args(sets))
     assert done.returncode == 0, done.stderr
-    out = tmp_path / "runs" / "rollouts" / "ppo" / "cpu_rollouts.jsonl"
+    out = tmp_path / "runs" / "rl-test" / "ppo" / "cpu_rollouts.jsonl"
     assert "rollouts: 2 trajectories" in done.stdout and str(out) in done.stdout
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["question"] for r in rows] == [normalize_question(q["question"]) for q in QUESTIONS[:2]]
