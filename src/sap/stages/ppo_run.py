@@ -16,9 +16,10 @@ in ``ppo/train.log``, and while it runs turns VeRL's files into sap's outputs:
 - a progress bar: steps and the running mean reward.
 
 A rerun resumes from the last checkpoint (VeRL's ``resume_mode=auto``); rows of steps after it
-are dropped from ``metrics.jsonl`` first, which keeps one row per step (also after a Ctrl-C). Ctrl-C stops the trainer, Ray and every process they
-started (:func:`sap.envs.run`'s policy, SIGINT first so VeRL shuts Ray down). A run that prints nothing for ``ppo.stall_timeout_s``, or that Ray cannot schedule, is
-stopped with an error instead of hanging. Afterwards the last checkpoint is merged into
+are dropped from ``metrics.jsonl`` first, which keeps one row per step (also after a Ctrl-C).
+Ctrl-C stops the trainer, Ray and every process they started (:func:`sap.envs.run`'s policy,
+SIGINT first so VeRL shuts Ray down). A run that prints nothing for ``ppo.stall_timeout_s``, or
+that Ray cannot schedule, is stopped with an error instead of hanging. Afterwards the last checkpoint is merged into
 ``ppo/merged/`` (``verl.model_merger``).
 """
 
@@ -139,7 +140,7 @@ class StepWriter:
         self._pending: list[dict[str, Any]] = []
         self._tb_dir = tensorboard
         self._tb = None
-        _truncate_after(self.metrics, resumed_from)
+        _one_row_per_step(self.metrics, resumed_from)
         self.verl_metrics.unlink(missing_ok=True)
 
     def poll(self, final: bool = False) -> list[dict[str, Any]]:
@@ -193,18 +194,18 @@ class StepWriter:
             if self._tb is not None:
                 self._tb.close()
         finally:
-            _truncate_after(self.metrics, None)  # one row per step, even if a Ctrl-C split a write from its count
+            _one_row_per_step(self.metrics, None)  # one row per step, even if a Ctrl-C split a write from its count
 
 
-def _truncate_after(path: Path, step: int | None) -> None:
-    """Keep one row per step (the first) and drop rows of steps after ``step`` (a resumed run
+def _one_row_per_step(path: Path, through: int | None) -> None:
+    """Keep one row per step (the first) and drop the steps after ``through`` (a resumed run
     trains them again; ``None`` keeps every step)."""
     if not path.is_file():
         return
     rows, seen = [], set()
     for r in read_jsonl(path):
         n = int(r.get("step", 0))
-        if (step is None or n <= step) and n not in seen:
+        if (through is None or n <= through) and n not in seen:
             seen.add(n)
             rows.append(r)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
