@@ -314,6 +314,12 @@ def sft_python() -> Path:
     return python
 
 
+def test_samples_used_follows_llamafactory_max_samples():
+    assert ts.samples_used({}, 1084) == 1084
+    assert ts.samples_used({"max_samples": 96}, 1084) == 96  # the demo: 96 of 1,084
+    assert ts.samples_used({"max_samples": 2000}, 1084) == 1084
+
+
 @pytest.mark.slow
 @pytest.mark.sft_env
 def test_tiny_model_loads_in_the_sft_environment(tiny_model):
@@ -343,6 +349,7 @@ def test_train_sft_trains_the_adapter_and_merges(sft_run, tiny_model):
     log = [json.loads(line) for line in (sft / "adapter" / "trainer_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert summary["steps"] == summary["total_steps"] == log[-1]["current_steps"] == 12  # 16 samples / 4 x 3 epochs
+    assert summary["samples"] == summary["samples_in_data"] == 16  # no max_samples: all of them
     assert losses[-1] < losses[0] and (summary["first_loss"], summary["final_loss"]) == (losses[0], losses[-1])
     assert summary["merged"] and summary["paths"]["merged"] == str(sft / "merged")
     assert summary["wall_time_s"] > 0 and summary["versions"]["llamafactory"] == "0.9.5"

@@ -172,7 +172,7 @@ def train_sft(
 
     # 3. train (supervised by sap.envs), following trainer_log.jsonl
     train_log = paths.sft_dir / TRAIN_LOG
-    used = min(checked.n_samples, int(args["max_samples"])) if args.get("max_samples") else checked.n_samples
+    used = samples_used(args, checked.n_samples)
     of = f"{used} of the {checked.n_samples} samples (sft.llamafactory.max_samples)" if used < checked.n_samples else f"{used} samples"
     echo(f"training LoRA on {of} with LLaMA-Factory {env.versions['llamafactory']} (log: {train_log})")
     log_file = paths.adapter / TRAINER_LOG
@@ -198,9 +198,7 @@ def train_sft(
         merged_dir = merge_adapter(args, paths, env, child_env)
         merge_wall = time.time() - t0
 
-    summary = build_summary(
-        cfg, args, paths, env, follower.state, (used, checked.n_samples), resume_from, merged_dir, done.wall_s, merge_wall
-    )
+    summary = build_summary(cfg, args, paths, env, follower.state, checked.n_samples, resume_from, merged_dir, done.wall_s, merge_wall)
     atomic_write_json(paths.summary, summary)
     return SFTResult(summary, paths)
 
@@ -235,13 +233,18 @@ def merge_adapter(train: dict[str, Any], paths: SFTPaths, env: SFTEnvironment, c
     return paths.merged
 
 
+def samples_used(args: dict[str, Any], n_samples: int) -> int:
+    """How many of the dataset's ``n_samples`` LLaMA-Factory trains on (its ``max_samples``)."""
+    return min(n_samples, int(args["max_samples"])) if args.get("max_samples") else n_samples
+
+
 def build_summary(
     cfg: ExperimentConfig,
     args: dict[str, Any],
     paths: SFTPaths,
     env: SFTEnvironment,
     state: TrainProgress,
-    n_samples: tuple[int, int],
+    n_samples: int,
     resume_from: Path | None,
     merged_dir: Path | None,
     train_wall: float,
@@ -258,8 +261,8 @@ def build_summary(
     return {
         "experiment": cfg.experiment,
         "base_model": args["model_name_or_path"],
-        "samples": n_samples[0],  # what training read (max_samples applied)
-        "samples_in_data": n_samples[1],
+        "samples": samples_used(args, n_samples),  # what training read
+        "samples_in_data": n_samples,
         "steps": full.step or state.step,
         "total_steps": full.total_steps or state.total_steps,
         "first_loss": losses[0][1] if losses else None,
